@@ -1,0 +1,729 @@
+//! `s3://bucket/prefix`: any S3-compatible object store, through aws-sdk-s3.
+//!
+//! Endpoint, region and path-style addressing come from the store spec or the standard AWS
+//! variables and profiles; credentials from the standard AWS chain, a named profile, or a secret
+//! file. The SDK retries throttling, 5xx answers and timeouts with backoff.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::{
+    Credentials, RequestChecksumCalculation, ResponseChecksumValidation, retry::RetryConfig,
+    timeout::TimeoutConfig,
+};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::{ByteStream, DateTime};
+use aws_sdk_s3::types::{
+    CompletedMultipartUpload, CompletedPart as S3CompletedPart, Delete, MetadataDirective,
+    ObjectIdentifier,
+};
+use bytes::Bytes;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+
+use super::{
+    CompletedPart, ETag, ErrorKind, GetOptions, GetResult, ListEntry, ListOptions, ListPage,
+    Metadata, ObjectInfo, PutCondition, PutOptions, PutResult, Result, Store, StoreError, UploadId,
+    check_key, check_metadata, clamp_range,
+};
+
+/// How to reach a bucket. Unset fields fall back to the standard AWS configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Options {
+    pub bucket: String,
+    /// Key prefix inside the bucket ("" or ending in `/`).
+    pub prefix: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// Path-style addressing (`http://host/bucket/key`); by default on when an endpoint is set.
+    pub path_style: Option<bool>,
+    /// A profile of the shared AWS config and credentials files.
+    pub profile: Option<String>,
+    /// A file holding `aws_access_key_id` and `aws_secret_access_key` (and optionally
+    /// `aws_session_token`) as `name = value` lines.
+    pub secret_file: Option<PathBuf>,
+    /// Attempts per request, the first included (retries with backoff on retryable errors).
+    pub max_attempts: u32,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+}
+
+impl S3Options {
+    pub fn new(bucket: impl Into<String>, prefix: impl Into<String>) -> Self {
+        Self {
+            bucket: bucket.into(),
+            prefix: normalize_prefix(&prefix.into()),
+            endpoint: None,
+            region: None,
+            path_style: None,
+            profile: None,
+            secret_file: None,
+            max_attempts: 5,
+            connect_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// "" stays "", anything else ends in exactly one `/`, without a leading `/`.
+fn normalize_prefix(prefix: &str) -> String {
+    let trimmed = prefix.trim_matches('/');
+    if trimmed.is_empty() {
+        String::new()
+    } else {
+        format!("{trimmed}/")
+    }
+}
+
+/// A bucket (and a prefix inside it) as a [`Store`].
+#[derive(Debug, Clone)]
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    prefix: String,
+}
+
+impl S3Store {
+    /// Builds a client; this does not contact the store (the first request does).
+    pub async fn connect(options: &S3Options) -> Result<Self> {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(options.max_attempts.max(1))
+                    .with_initial_backoff(Duration::from_millis(200))
+                    .with_max_backoff(Duration::from_secs(10)),
+            )
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(options.connect_timeout)
+                    .read_timeout(options.read_timeout)
+                    .build(),
+            );
+        if let Some(region) = &options.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        if let Some(profile) = &options.profile {
+            loader = loader.profile_name(profile);
+        }
+        if let Some(endpoint) = &options.endpoint {
+            loader = loader.endpoint_url(endpoint);
+        }
+        if let Some(path) = &options.secret_file {
+            loader = loader.credentials_provider(read_secret_file(path)?);
+        }
+        let shared = loader.load().await;
+        let custom_endpoint = shared.endpoint_url().is_some();
+        let mut config = aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(options.path_style.unwrap_or(custom_endpoint))
+            // S3-compatible servers differ in which checksums they know; send them only when
+            // an operation requires one.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+        if shared.region().is_none() {
+            config = config.region(Region::new("us-east-1"));
+        }
+        Ok(Self {
+            client: Client::from_conf(config.build()),
+            bucket: options.bucket.clone(),
+            prefix: options.prefix.clone(),
+        })
+    }
+
+    fn full_key(&self, key: &str) -> Result<String> {
+        check_key(key)?;
+        Ok(format!("{}{key}", self.prefix))
+    }
+
+    /// The `x-amz-copy-source` value for a key: bucket and key, URL-encoded but for `/`.
+    fn copy_source(&self, full_key: &str) -> String {
+        const KEEP: &AsciiSet = &NON_ALPHANUMERIC
+            .remove(b'/')
+            .remove(b'-')
+            .remove(b'_')
+            .remove(b'.')
+            .remove(b'~');
+        let raw = format!("{}/{full_key}", self.bucket);
+        utf8_percent_encode(&raw, KEEP).to_string()
+    }
+
+    fn strip<'k>(&self, full_key: &'k str) -> &'k str {
+        full_key.strip_prefix(&self.prefix).unwrap_or(full_key)
+    }
+}
+
+/// Reads static credentials from `path`: `name = value` lines; `#` comments and `[section]`
+/// headers are ignored, so a one-profile AWS credentials file works as it is.
+fn read_secret_file(path: &Path) -> Result<Credentials> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        StoreError::invalid(format!("cannot read secret file {}: {e}", path.display()))
+    })?;
+    let mut access_key = None;
+    let mut secret_key = None;
+    let mut token = None;
+    for line in text.lines().map(str::trim) {
+        let Some((name, value)) = line.split_once('=') else {
+            continue;
+        };
+        let value = value.trim().trim_matches('"').to_string();
+        match name.trim().to_ascii_lowercase().as_str() {
+            "aws_access_key_id" => access_key = Some(value),
+            "aws_secret_access_key" => secret_key = Some(value),
+            "aws_session_token" => token = Some(value),
+            _ => {}
+        }
+    }
+    match (access_key, secret_key) {
+        (Some(access_key), Some(secret_key)) => Ok(Credentials::new(
+            access_key,
+            secret_key,
+            token,
+            None,
+            "cairn-secret-file",
+        )),
+        _ => Err(StoreError::invalid(format!(
+            "secret file {} must set aws_access_key_id and aws_secret_access_key",
+            path.display()
+        ))),
+    }
+}
+
+/// Sorts an SDK error into an [`ErrorKind`], keeping the store's code and message.
+fn classify<E>(err: SdkError<E, aws_smithy_runtime_api::http::Response>, what: &str) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    match &err {
+        SdkError::ServiceError(context) => {
+            let status = context.raw().status().as_u16();
+            let code = context.err().code();
+            let kind = kind_of(code, status);
+            let detail = match context.err().message() {
+                Some(message) => message.to_string(),
+                // No parsed message: show the start of what the store sent instead.
+                None => {
+                    let raw = context.raw().body().bytes().unwrap_or_default();
+                    let shown = &raw[..raw.len().min(300)];
+                    format!("unexpected answer: {:?}", String::from_utf8_lossy(shown))
+                }
+            };
+            let code = code.unwrap_or("no error code");
+            StoreError::new(kind, format!("{what}: {code} (HTTP {status}): {detail}"))
+        }
+        SdkError::TimeoutError(_) => StoreError::new(
+            ErrorKind::Timeout,
+            format!("{what}: {}", DisplayErrorContext(&err)),
+        ),
+        SdkError::DispatchFailure(failure) => {
+            let kind = if failure.is_timeout() {
+                ErrorKind::Timeout
+            } else if failure.is_user() {
+                ErrorKind::InvalidRequest
+            } else {
+                ErrorKind::Unavailable
+            };
+            StoreError::new(kind, format!("{what}: {}", DisplayErrorContext(&err)))
+        }
+        SdkError::ResponseError(_) => StoreError::new(
+            ErrorKind::Unavailable,
+            format!("{what}: {}", DisplayErrorContext(&err)),
+        ),
+        SdkError::ConstructionFailure(_) => {
+            StoreError::invalid(format!("{what}: {}", DisplayErrorContext(&err)))
+        }
+        _ => StoreError::other(format!("{what}: {}", DisplayErrorContext(&err))),
+    }
+}
+
+fn kind_of(code: Option<&str>, status: u16) -> ErrorKind {
+    match code {
+        Some("NoSuchKey" | "NotFound" | "NoSuchUpload") => ErrorKind::NotFound,
+        Some("NoSuchBucket") => ErrorKind::NoSuchBucket,
+        Some("PreconditionFailed" | "ConditionalRequestConflict") => ErrorKind::PreconditionFailed,
+        Some(
+            "SlowDown"
+            | "Throttling"
+            | "ThrottlingException"
+            | "RequestLimitExceeded"
+            | "TooManyRequests",
+        ) => ErrorKind::Throttled,
+        Some(
+            "AccessDenied"
+            | "InvalidAccessKeyId"
+            | "SignatureDoesNotMatch"
+            | "ExpiredToken"
+            | "InvalidToken"
+            | "AllAccessDisabled",
+        ) => ErrorKind::AccessDenied,
+        Some("InternalError" | "ServiceUnavailable") => ErrorKind::Unavailable,
+        Some("RequestTimeout") => ErrorKind::Timeout,
+        _ => match status {
+            404 => ErrorKind::NotFound,
+            409 | 412 => ErrorKind::PreconditionFailed,
+            429 | 503 => ErrorKind::Throttled,
+            500..=599 => ErrorKind::Unavailable,
+            401 | 403 => ErrorKind::AccessDenied,
+            400..=499 => ErrorKind::InvalidRequest,
+            _ => ErrorKind::Other,
+        },
+    }
+}
+
+fn system_time(time: Option<&DateTime>) -> SystemTime {
+    time.and_then(|t| SystemTime::try_from(*t).ok())
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+fn etag(raw: Option<&str>) -> ETag {
+    ETag(raw.unwrap_or_default().to_string())
+}
+
+fn metadata(raw: Option<&std::collections::HashMap<String, String>>) -> Metadata {
+    raw.map(|m| {
+        m.iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// The total size in a `Content-Range: bytes a-b/total` header.
+fn total_from_content_range(content_range: Option<&str>) -> Option<u64> {
+    content_range?.rsplit_once('/')?.1.parse().ok()
+}
+
+#[async_trait]
+impl Store for S3Store {
+    async fn head(&self, key: &str) -> Result<ObjectInfo> {
+        let full = self.full_key(key)?;
+        let out = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| classify(e, &format!("HEAD {key}")))?;
+        Ok(ObjectInfo {
+            key: key.to_string(),
+            size: out.content_length().unwrap_or(0).max(0) as u64,
+            etag: etag(out.e_tag()),
+            last_modified: system_time(out.last_modified()),
+            metadata: metadata(out.metadata()),
+        })
+    }
+
+    async fn get(&self, key: &str, options: GetOptions) -> Result<GetResult> {
+        let full = self.full_key(key)?;
+        let empty_range = options.range.as_ref().is_some_and(|r| r.start >= r.end);
+        let mut request = self.client.get_object().bucket(&self.bucket).key(&full);
+        if let Some(range) = options.range.as_ref().filter(|_| !empty_range) {
+            request = request.range(format!("bytes={}-{}", range.start, range.end - 1));
+        }
+        if let Some(want) = &options.if_match {
+            request = request.if_match(&want.0);
+        }
+        let out = if empty_range {
+            None
+        } else {
+            match request.send().await {
+                Ok(out) => Some(out),
+                // The range starts at or past the end: zero bytes, as the trait promises.
+                Err(SdkError::ServiceError(context)) if context.raw().status().as_u16() == 416 => {
+                    None
+                }
+                Err(err) => return Err(classify(err, &format!("GET {key}"))),
+            }
+        };
+        let Some(out) = out else {
+            let info = self.head(key).await?;
+            if let Some(want) = &options.if_match {
+                super::condition_holds(
+                    key,
+                    &PutCondition::IfMatch(want.clone()),
+                    Some(&info.etag),
+                )?;
+            }
+            let at = clamp_range(options.range, info.size).start;
+            return Ok(GetResult {
+                info,
+                range: at..at,
+                body: Bytes::new(),
+            });
+        };
+        let length = out.content_length().unwrap_or(0).max(0) as u64;
+        let size = total_from_content_range(out.content_range()).unwrap_or(length);
+        let start = options.range.as_ref().map_or(0, |r| r.start);
+        let info = ObjectInfo {
+            key: key.to_string(),
+            size,
+            etag: etag(out.e_tag()),
+            last_modified: system_time(out.last_modified()),
+            metadata: metadata(out.metadata()),
+        };
+        let body = out.body.collect().await.map_err(|e| {
+            StoreError::new(
+                ErrorKind::Unavailable,
+                format!("GET {key}: reading the body: {e}"),
+            )
+        })?;
+        let body = body.into_bytes();
+        if body.len() as u64 != length {
+            return Err(StoreError::new(
+                ErrorKind::Unavailable,
+                format!("GET {key}: got {} of {length} bytes", body.len()),
+            ));
+        }
+        Ok(GetResult {
+            info,
+            range: start..start + length,
+            body,
+        })
+    }
+
+    async fn put(&self, key: &str, body: Bytes, options: PutOptions) -> Result<PutResult> {
+        let full = self.full_key(key)?;
+        check_metadata(&options.metadata)?;
+        let mut request = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .content_length(body.len() as i64)
+            .body(ByteStream::from(body))
+            .set_metadata(Some(options.metadata.into_iter().collect()));
+        match &options.condition {
+            PutCondition::Always => {}
+            PutCondition::IfAbsent => request = request.if_none_match("*"),
+            PutCondition::IfMatch(want) => request = request.if_match(&want.0),
+        }
+        let out = request
+            .send()
+            .await
+            .map_err(|e| classify(e, &format!("PUT {key}")))?;
+        Ok(PutResult {
+            etag: etag(out.e_tag()),
+        })
+    }
+
+    async fn start_multipart(&self, key: &str, metadata: Metadata) -> Result<UploadId> {
+        let full = self.full_key(key)?;
+        check_metadata(&metadata)?;
+        let out = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&full)
+            .set_metadata(Some(metadata.into_iter().collect()))
+            .send()
+            .await
+            .map_err(|e| classify(e, &format!("starting a multipart upload of {key}")))?;
+        out.upload_id()
+            .map(|id| UploadId(id.to_string()))
+            .ok_or_else(|| StoreError::other(format!("{key}: the store returned no upload id")))
+    }
+
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload: &UploadId,
+        part_number: u32,
+        body: Bytes,
+    ) -> Result<CompletedPart> {
+        let full = self.full_key(key)?;
+        let out = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(&full)
+            .upload_id(&upload.0)
+            .part_number(part_number as i32)
+            .content_length(body.len() as i64)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| classify(e, &format!("uploading part {part_number} of {key}")))?;
+        Ok(CompletedPart {
+            part_number,
+            etag: etag(out.e_tag()),
+        })
+    }
+
+    async fn upload_part_copy(
+        &self,
+        key: &str,
+        upload: &UploadId,
+        part_number: u32,
+        source_key: &str,
+        source_range: Range<u64>,
+    ) -> Result<CompletedPart> {
+        let full = self.full_key(key)?;
+        let source = self.full_key(source_key)?;
+        if source_range.start >= source_range.end {
+            return Err(StoreError::invalid(format!(
+                "empty range {source_range:?} of {source_key}"
+            )));
+        }
+        let out = self
+            .client
+            .upload_part_copy()
+            .bucket(&self.bucket)
+            .key(&full)
+            .upload_id(&upload.0)
+            .part_number(part_number as i32)
+            .copy_source(self.copy_source(&source))
+            .copy_source_range(format!(
+                "bytes={}-{}",
+                source_range.start,
+                source_range.end - 1
+            ))
+            .send()
+            .await
+            .map_err(|e| {
+                classify(
+                    e,
+                    &format!("copying part {part_number} of {key} from {source_key}"),
+                )
+            })?;
+        Ok(CompletedPart {
+            part_number,
+            etag: etag(out.copy_part_result().and_then(|r| r.e_tag())),
+        })
+    }
+
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload: &UploadId,
+        parts: Vec<CompletedPart>,
+        condition: PutCondition,
+    ) -> Result<PutResult> {
+        let full = self.full_key(key)?;
+        let parts = parts
+            .into_iter()
+            .map(|p| {
+                S3CompletedPart::builder()
+                    .part_number(p.part_number as i32)
+                    .e_tag(p.etag.0)
+                    .build()
+            })
+            .collect();
+        let mut request = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&full)
+            .upload_id(&upload.0)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            );
+        match &condition {
+            PutCondition::Always => {}
+            PutCondition::IfAbsent => request = request.if_none_match("*"),
+            PutCondition::IfMatch(want) => request = request.if_match(&want.0),
+        }
+        let out = request
+            .send()
+            .await
+            .map_err(|e| classify(e, &format!("completing the multipart upload of {key}")))?;
+        Ok(PutResult {
+            etag: etag(out.e_tag()),
+        })
+    }
+
+    async fn abort_multipart(&self, key: &str, upload: &UploadId) -> Result<()> {
+        let full = self.full_key(key)?;
+        self.client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&full)
+            .upload_id(&upload.0)
+            .send()
+            .await
+            .map_err(|e| classify(e, &format!("aborting the multipart upload of {key}")))?;
+        Ok(())
+    }
+
+    async fn list(&self, prefix: &str, options: ListOptions) -> Result<ListPage> {
+        let full_prefix = format!("{}{prefix}", self.prefix);
+        let max = options
+            .max_keys
+            .unwrap_or(super::MAX_LIST_PAGE)
+            .clamp(1, super::MAX_LIST_PAGE);
+        let out = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&full_prefix)
+            .set_delimiter(options.delimited.then(|| "/".to_string()))
+            .set_continuation_token(options.continuation)
+            .max_keys(max as i32)
+            .send()
+            .await
+            .map_err(|e| classify(e, &format!("LIST {prefix}")))?;
+        let objects = out
+            .contents()
+            .iter()
+            .filter_map(|object| {
+                Some(ListEntry {
+                    key: self.strip(object.key()?).to_string(),
+                    size: object.size().unwrap_or(0).max(0) as u64,
+                    etag: etag(object.e_tag()),
+                    last_modified: system_time(object.last_modified()),
+                })
+            })
+            .collect();
+        let prefixes = out
+            .common_prefixes()
+            .iter()
+            .filter_map(|p| Some(self.strip(p.prefix()?).to_string()))
+            .collect();
+        let next = if out.is_truncated().unwrap_or(false) {
+            out.next_continuation_token().map(str::to_string)
+        } else {
+            None
+        };
+        Ok(ListPage {
+            objects,
+            prefixes,
+            next,
+        })
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        let full = self.full_key(key)?;
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| classify(e, &format!("DELETE {key}")))?;
+        Ok(())
+    }
+
+    async fn delete_many(&self, keys: &[String]) -> Result<()> {
+        for chunk in keys.chunks(super::MAX_LIST_PAGE) {
+            let mut objects = Vec::with_capacity(chunk.len());
+            for key in chunk {
+                let full = self.full_key(key)?;
+                let object = ObjectIdentifier::builder()
+                    .key(full)
+                    .build()
+                    .map_err(|e| StoreError::invalid(e.to_string()))?;
+                objects.push(object);
+            }
+            let delete = Delete::builder()
+                .set_objects(Some(objects))
+                .quiet(true)
+                .build()
+                .map_err(|e| StoreError::invalid(e.to_string()))?;
+            let out = self
+                .client
+                .delete_objects()
+                .bucket(&self.bucket)
+                .delete(delete)
+                .send()
+                .await
+                .map_err(|e| classify(e, &format!("deleting {} keys", chunk.len())))?;
+            if !out.errors().is_empty() {
+                let failed: Vec<String> = out
+                    .errors()
+                    .iter()
+                    .map(|e| {
+                        format!(
+                            "{} ({})",
+                            self.strip(e.key().unwrap_or_default()),
+                            e.message().or(e.code()).unwrap_or("unknown error")
+                        )
+                    })
+                    .collect();
+                return Err(StoreError::other(format!(
+                    "could not delete {}",
+                    failed.join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn copy(
+        &self,
+        source_key: &str,
+        dest_key: &str,
+        metadata: Option<Metadata>,
+    ) -> Result<PutResult> {
+        let source = self.full_key(source_key)?;
+        let dest = self.full_key(dest_key)?;
+        let mut request = self
+            .client
+            .copy_object()
+            .bucket(&self.bucket)
+            .key(&dest)
+            .copy_source(self.copy_source(&source));
+        if let Some(metadata) = metadata {
+            check_metadata(&metadata)?;
+            request = request
+                .metadata_directive(MetadataDirective::Replace)
+                .set_metadata(Some(metadata.into_iter().collect()));
+        }
+        let out = request
+            .send()
+            .await
+            .map_err(|e| classify(e, &format!("copying {source_key} to {dest_key}")))?;
+        Ok(PutResult {
+            etag: etag(out.copy_object_result().and_then(|r| r.e_tag())),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_are_normalized() {
+        assert_eq!(normalize_prefix(""), "");
+        assert_eq!(normalize_prefix("/"), "");
+        assert_eq!(normalize_prefix("vols"), "vols/");
+        assert_eq!(normalize_prefix("/a/b/"), "a/b/");
+    }
+
+    #[test]
+    fn error_codes_sort_into_kinds() {
+        assert_eq!(kind_of(Some("NoSuchBucket"), 404), ErrorKind::NoSuchBucket);
+        assert_eq!(kind_of(None, 404), ErrorKind::NotFound);
+        assert_eq!(kind_of(Some("SlowDown"), 503), ErrorKind::Throttled);
+        assert_eq!(
+            kind_of(Some("InvalidAccessKeyId"), 403),
+            ErrorKind::AccessDenied
+        );
+        assert_eq!(kind_of(None, 500), ErrorKind::Unavailable);
+        assert_eq!(
+            kind_of(Some("PreconditionFailed"), 412),
+            ErrorKind::PreconditionFailed
+        );
+        assert!(kind_of(None, 502).is_retryable());
+    }
+
+    #[test]
+    fn secret_files_accept_the_aws_credentials_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(
+            &path,
+            "[default]\naws_access_key_id = AKID\n# note\naws_secret_access_key=\"s3cr3t\"\n",
+        )
+        .unwrap();
+        let credentials = read_secret_file(&path).unwrap();
+        assert_eq!(credentials.access_key_id(), "AKID");
+        assert_eq!(credentials.secret_access_key(), "s3cr3t");
+        std::fs::write(&path, "aws_access_key_id = AKID\n").unwrap();
+        let err = read_secret_file(&path).unwrap_err();
+        assert!(err.message().contains("aws_secret_access_key"), "{err}");
+    }
+}
