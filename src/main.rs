@@ -1,1 +1,73 @@
-fn main() {}
+//! The `cairn` command: parses the command line and runs the subcommand.
+//!
+//! Today: `cairn store check [SPEC]`. The plugin daemon (`serve`), `mount`, `flush` and the
+//! reports arrive with the issues that build them.
+
+mod check;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Where cairn keeps its state when not told otherwise.
+const DEFAULT_STATE_DIR: &str = "/var/lib/cairn";
+
+/// Log filter when CAIRN_LOG is unset: warnings, but not the AWS SDK's own, whose failures
+/// reach the user through cairn's messages anyway.
+const QUIET_LOGS: &str = "warn,aws_config=error,aws_smithy_runtime=error";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cairn",
+    version,
+    about = "Docker volumes kept in S3 or a shared directory, with a local write-back cache"
+)]
+struct Cli {
+    /// Directory for cairn's state; the embedded default store lives in its `store/` folder.
+    #[arg(long, global = true, env = "CAIRN_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Work with stores directly.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Check that a store works: list, put, get and delete a small object, step by step.
+    Check {
+        /// s3://BUCKET[/PREFIX][?endpoint=URL&region=R&path_style=true&profile=P&secret_file=F],
+        /// dir:///PATH, or memory:. Default: the embedded dir store under the state directory.
+        spec: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(QUIET_LOGS)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Store(StoreCommand::Check { spec }) => {
+            runtime.block_on(check::run(spec.as_deref(), &cli.state_dir))
+        }
+    }
+}

@@ -242,7 +242,8 @@ pub const ODD_KEYS: &[&str] = &[
 ];
 
 pub async fn odd_keys_round_trip_and_list(store: &dyn Store) {
-    let keys: Vec<String> = ODD_KEYS.iter().map(|k| k.to_string()).collect();
+    let mut keys: Vec<String> = ODD_KEYS.iter().map(|k| k.to_string()).collect();
+    keys.push(format!("long/{}", "n".repeat(255)));
     put_many(store, &keys).await;
     for key in &keys {
         assert_eq!(

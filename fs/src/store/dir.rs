@@ -6,7 +6,7 @@
 //!   directory, the last is the file. Segments are percent-encoded where a file name could not
 //!   hold them (`%`, control characters, a leading `.`), and an empty segment (the `dir/` marker
 //!   of an empty directory) is stored as a file named `%`. So no object's name starts with `.`.
-//! - Its metadata is a sidecar `.m.NAME` beside it (JSON), holding one entry per data file
+//! - Its metadata is a sidecar `.m/NAME` beside it (JSON), holding one entry per data file
 //!   version it describes, keyed by inode: the entry whose inode matches the data file wins, so a
 //!   crash between writing the sidecar and renaming the data never pairs data with the wrong
 //!   metadata. A file with no matching entry (put there by hand) gets an ETag made of its inode,
@@ -45,8 +45,10 @@ use super::{
 const ESCAPED: &AsciiSet = &CONTROLS.add(b'%');
 /// The file name of an empty key segment (a `dir/` marker).
 const EMPTY_SEGMENT: &str = "%";
-/// Longest file name most filesystems take, less the sidecar's `.m.` prefix.
-const MAX_SEGMENT_LEN: usize = 255 - 3;
+/// Longest file name most filesystems take.
+const MAX_SEGMENT_LEN: usize = 255;
+/// The folder of sidecars, beside the data files it describes.
+const SIDECARS: &str = ".m";
 
 /// A directory used as an object store.
 #[derive(Debug, Clone)]
@@ -121,7 +123,7 @@ impl ObjectPath {
     }
 
     fn sidecar(&self) -> PathBuf {
-        self.dir.join(format!(".m.{}", self.name))
+        self.dir.join(SIDECARS).join(&self.name)
     }
 }
 
@@ -360,6 +362,8 @@ fn install(
     let json = serde_json::to_vec(&sidecar).map_err(|e| StoreError::other(e.to_string()))?;
     meta.write_all(&json)?;
     meta.sync()?;
+    let sidecars = target.dir.join(SIDECARS);
+    make_dir(&sidecars).map_err(|e| io_error(e, &sidecars.display().to_string()))?;
     fs::rename(&meta.path, target.sidecar())
         .map_err(|e| io_error(e, &target.sidecar().display().to_string()))?;
     fs::rename(&data.path, target.data()).map_err(|e| match e.kind() {
@@ -409,6 +413,12 @@ fn remove_empty_dirs(root: &Path, mut dir: &Path) {
             None => return,
         }
     }
+}
+
+/// The sidecar of the data file at `data`.
+fn sidecar_of(data: &Path) -> PathBuf {
+    let name = data.file_name().unwrap_or_default();
+    data.with_file_name(SIDECARS).join(name)
 }
 
 /// A multipart upload's folder: `.uploads/ID/` with `key`, `metadata.json` and `NNNNN` parts.
@@ -552,11 +562,7 @@ impl Walk<'_> {
                 Child::Object(key, path) => {
                     if key.starts_with(self.prefix) && after_token(&key, self.token) {
                         let stat = fs::metadata(&path).map_err(|e| io_error(e, &key))?;
-                        let sidecar_path = path.with_file_name(format!(
-                            ".m.{}",
-                            path.file_name().unwrap_or_default().to_string_lossy()
-                        ));
-                        let info = describe(&key, &stat, &Sidecar::read(&sidecar_path));
+                        let info = describe(&key, &stat, &Sidecar::read(&sidecar_of(&path)));
                         self.found.push(Listed::Object(ListEntry {
                             key,
                             size: info.size,
@@ -854,6 +860,7 @@ fn delete_object(root: &Path, key: &str) -> Result<()> {
             Err(e) => return Err(io_error(e, key)),
         }
     }
+    let _ = fs::remove_dir(path.dir.join(SIDECARS));
     remove_empty_dirs(root, &path.dir);
     Ok(())
 }
@@ -879,7 +886,7 @@ mod tests {
             assert!(!encoded.contains('/'));
             assert_eq!(decode_segment(&encoded).as_deref(), Some(segment));
         }
-        assert_eq!(decode_segment(".m.name"), None);
+        assert_eq!(decode_segment(".m"), None);
     }
 
     #[test]

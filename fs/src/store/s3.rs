@@ -9,13 +9,17 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use aws_config::environment::region::EnvironmentVariableRegionProvider;
+use aws_config::meta::region::RegionProviderChain;
+use aws_config::profile::ProfileFileRegionProvider;
 use aws_config::{BehaviorVersion, Region};
+use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::{
     Credentials, RequestChecksumCalculation, ResponseChecksumValidation, retry::RetryConfig,
     timeout::TimeoutConfig,
 };
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, DateTime};
 use aws_sdk_s3::types::{
     CompletedMultipartUpload, CompletedPart as S3CompletedPart, Delete, MetadataDirective,
@@ -102,9 +106,7 @@ impl S3Store {
                     .read_timeout(options.read_timeout)
                     .build(),
             );
-        if let Some(region) = &options.region {
-            loader = loader.region(Region::new(region.clone()));
-        }
+        loader = loader.region(resolve_region(options).await);
         if let Some(profile) = &options.profile {
             loader = loader.profile_name(profile);
         }
@@ -116,15 +118,12 @@ impl S3Store {
         }
         let shared = loader.load().await;
         let custom_endpoint = shared.endpoint_url().is_some();
-        let mut config = aws_sdk_s3::config::Builder::from(&shared)
+        let config = aws_sdk_s3::config::Builder::from(&shared)
             .force_path_style(options.path_style.unwrap_or(custom_endpoint))
             // S3-compatible servers differ in which checksums they know; send them only when
             // an operation requires one.
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
-        if shared.region().is_none() {
-            config = config.region(Region::new("us-east-1"));
-        }
         Ok(Self {
             client: Client::from_conf(config.build()),
             bucket: options.bucket.clone(),
@@ -152,6 +151,36 @@ impl S3Store {
     fn strip<'k>(&self, full_key: &'k str) -> &'k str {
         full_key.strip_prefix(&self.prefix).unwrap_or(full_key)
     }
+}
+
+/// The region: the spec's, else the standard variables' or profile's, else us-east-1 (what most
+/// S3-compatible servers expect). Never the EC2 metadata service: off EC2 it only adds delay.
+async fn resolve_region(options: &S3Options) -> Region {
+    if let Some(region) = &options.region {
+        return Region::new(region.clone());
+    }
+    let mut profile = ProfileFileRegionProvider::builder();
+    if let Some(name) = &options.profile {
+        profile = profile.profile_name(name);
+    }
+    RegionProviderChain::first_try(EnvironmentVariableRegionProvider::new())
+        .or_else(profile.build())
+        .or_else(Region::new("us-east-1"))
+        .region()
+        .await
+        .unwrap_or_else(|| Region::new("us-east-1"))
+}
+
+/// Whether a failure to send a request came from finding no usable credentials.
+fn is_credentials_failure(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(err);
+    while let Some(current) = cause {
+        if current.downcast_ref::<CredentialsError>().is_some() {
+            return true;
+        }
+        cause = current.source();
+    }
+    false
 }
 
 /// Reads static credentials from `path`: `name = value` lines; `#` comments and `[section]`
@@ -190,6 +219,20 @@ fn read_secret_file(path: &Path) -> Result<Credentials> {
     }
 }
 
+/// An error and its causes, each once, joined by ": " (the SDK's own display repeats itself).
+fn causes(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cause = Some(err);
+    while let Some(current) = cause {
+        let text = current.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cause = current.source();
+    }
+    parts.join(": ")
+}
+
 /// Sorts an SDK error into an [`ErrorKind`], keeping the store's code and message.
 fn classify<E>(err: SdkError<E, aws_smithy_runtime_api::http::Response>, what: &str) -> StoreError
 where
@@ -212,9 +255,16 @@ where
             let code = code.unwrap_or("no error code");
             StoreError::new(kind, format!("{what}: {code} (HTTP {status}): {detail}"))
         }
-        SdkError::TimeoutError(_) => StoreError::new(
-            ErrorKind::Timeout,
-            format!("{what}: {}", DisplayErrorContext(&err)),
+        SdkError::TimeoutError(_) => {
+            StoreError::new(ErrorKind::Timeout, format!("{what}: {}", causes(&err)))
+        }
+        SdkError::DispatchFailure(_) if is_credentials_failure(&err) => StoreError::new(
+            ErrorKind::AccessDenied,
+            format!(
+                "{what}: no usable AWS credentials were found (looked in the spec's secret_file, \
+                 the AWS_* variables, the shared config and credentials files, web identity, \
+                 and container and instance metadata)"
+            ),
         ),
         SdkError::DispatchFailure(failure) => {
             let kind = if failure.is_timeout() {
@@ -224,16 +274,15 @@ where
             } else {
                 ErrorKind::Unavailable
             };
-            StoreError::new(kind, format!("{what}: {}", DisplayErrorContext(&err)))
+            StoreError::new(kind, format!("{what}: {}", causes(&err)))
         }
-        SdkError::ResponseError(_) => StoreError::new(
-            ErrorKind::Unavailable,
-            format!("{what}: {}", DisplayErrorContext(&err)),
-        ),
+        SdkError::ResponseError(_) => {
+            StoreError::new(ErrorKind::Unavailable, format!("{what}: {}", causes(&err)))
+        }
         SdkError::ConstructionFailure(_) => {
-            StoreError::invalid(format!("{what}: {}", DisplayErrorContext(&err)))
+            StoreError::invalid(format!("{what}: {}", causes(&err)))
         }
-        _ => StoreError::other(format!("{what}: {}", DisplayErrorContext(&err))),
+        _ => StoreError::other(format!("{what}: {}", causes(&err))),
     }
 }
 
@@ -564,7 +613,7 @@ impl Store for S3Store {
             .max_keys(max as i32)
             .send()
             .await
-            .map_err(|e| classify(e, &format!("LIST {prefix}")))?;
+            .map_err(|e| classify(e, &format!("LIST {prefix:?}")))?;
         let objects = out
             .contents()
             .iter()

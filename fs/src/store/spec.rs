@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use percent_encoding::percent_decode_str;
+use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
 use url::Url;
 
 use super::dir::DirStore;
@@ -129,23 +129,32 @@ impl fmt::Display for StoreSpec {
             Self::Dir(path) => write!(f, "dir://{}", path.display()),
             Self::S3(options) => {
                 write!(f, "s3://{}/{}", options.bucket, options.prefix)?;
-                let mut query = url::form_urlencoded::Serializer::new(String::new());
+                let mut pairs = Vec::new();
                 if let Some(endpoint) = &options.endpoint {
-                    query.append_pair("endpoint", endpoint);
+                    pairs.push(("endpoint", endpoint.clone()));
                 }
                 if let Some(region) = &options.region {
-                    query.append_pair("region", region);
+                    pairs.push(("region", region.clone()));
                 }
                 if let Some(path_style) = options.path_style {
-                    query.append_pair("path_style", &path_style.to_string());
+                    pairs.push(("path_style", path_style.to_string()));
                 }
                 if let Some(profile) = &options.profile {
-                    query.append_pair("profile", profile);
+                    pairs.push(("profile", profile.clone()));
                 }
                 if let Some(secret_file) = &options.secret_file {
-                    query.append_pair("secret_file", &secret_file.display().to_string());
+                    pairs.push(("secret_file", secret_file.display().to_string()));
                 }
-                let query = query.finish();
+                // Escape only what would change the query's meaning, so URLs stay readable.
+                const QUERY_VALUE: &AsciiSet =
+                    &CONTROLS.add(b' ').add(b'&').add(b'#').add(b'%').add(b'+');
+                let query: Vec<String> = pairs
+                    .iter()
+                    .map(|(name, value)| {
+                        format!("{name}={}", utf8_percent_encode(value, QUERY_VALUE))
+                    })
+                    .collect();
+                let query = query.join("&");
                 if query.is_empty() {
                     Ok(())
                 } else {
