@@ -1,9 +1,10 @@
 //! The `cairn` command: parses the command line and runs the subcommand.
 //!
-//! Today: `cairn store check [SPEC]`. The plugin daemon (`serve`), `mount`, `flush` and the
-//! reports arrive with the issues that build them.
+//! Today: `cairn store check [SPEC]` and `cairn mount SPEC MOUNTPOINT`. The plugin daemon
+//! (`serve`), `flush` and the reports arrive with the issues that build them.
 
 mod check;
+mod mount;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,7 +16,8 @@ const DEFAULT_STATE_DIR: &str = "/var/lib/cairn";
 
 /// Log filter when CAIRN_LOG is unset: warnings, but not the AWS SDK's own, whose failures
 /// reach the user through cairn's messages anyway.
-const QUIET_LOGS: &str = "warn,aws_config=error,aws_smithy_runtime=error";
+/// fuser's own warnings (an unmount of an already unmounted mountpoint) are noise too.
+const QUIET_LOGS: &str = "warn,aws_config=error,aws_smithy_runtime=error,fuser=error";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -37,6 +39,8 @@ enum Command {
     /// Work with stores directly.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Mount a store prefix on a directory, in the foreground, until SIGINT or SIGTERM.
+    Mount(mount::MountArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -69,5 +73,6 @@ fn main() -> ExitCode {
         Command::Store(StoreCommand::Check { spec }) => {
             runtime.block_on(check::run(spec.as_deref(), &cli.state_dir))
         }
+        Command::Mount(args) => runtime.block_on(mount::run(args, &cli.state_dir)),
     }
 }

@@ -1,4 +1,12 @@
-//! cairn-fs: the store layer (the [`store::Store`] trait and its backends), and in time the cache,
-//! the write-back engine and the FUSE filesystem that present a volume's objects as files.
+//! cairn-fs: the store layer (the [`store::Store`] trait and its backends), the local cache, and
+//! the filesystem that presents a volume's objects as files: async logic in [`fs`], a thin FUSE
+//! adapter in [`fuse`], and [`mount`] to wire a session.
 
+pub mod attrs;
+pub mod cache;
+pub mod error;
+pub mod fs;
+pub mod fuse;
+pub mod mount;
+pub mod namespace;
 pub mod store;

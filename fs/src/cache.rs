@@ -1,0 +1,326 @@
+//! The local cache of file contents: one sparse cache file per file, and a SQLite index of which
+//! byte ranges of which object version (key + ETag) each cache file holds, so that a remount
+//! reads what is still valid from local disk.
+//!
+//! The index only ever describes clean data (bytes as the store has them): a file that is
+//! being changed locally is dropped from the index first, and recorded again once uploaded.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::ops::Range;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::error::FsResult;
+use crate::store::ETag;
+
+/// A set of disjoint, non-touching byte ranges.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RangeSet {
+    /// start -> end
+    spans: BTreeMap<u64, u64>,
+}
+
+impl RangeSet {
+    pub fn full(end: u64) -> Self {
+        let mut set = Self::default();
+        set.insert(0..end);
+        set
+    }
+
+    pub fn insert(&mut self, range: Range<u64>) {
+        if range.start >= range.end {
+            return;
+        }
+        let (mut start, mut end) = (range.start, range.end);
+        let touching: Vec<(u64, u64)> = self
+            .spans
+            .range(..=end)
+            .rev()
+            .take_while(|(_, e)| **e >= start)
+            .map(|(s, e)| (*s, *e))
+            .collect();
+        for (s, e) in touching {
+            self.spans.remove(&s);
+            start = start.min(s);
+            end = end.max(e);
+        }
+        self.spans.insert(start, end);
+    }
+
+    /// Forgets everything at or past `offset`.
+    pub fn truncate(&mut self, offset: u64) {
+        let cut: Vec<(u64, u64)> = self
+            .spans
+            .range(..)
+            .filter(|(_, e)| **e > offset)
+            .map(|(s, e)| (*s, *e))
+            .collect();
+        for (s, _) in cut {
+            self.spans.remove(&s);
+            if s < offset {
+                self.spans.insert(s, offset);
+            }
+        }
+    }
+
+    /// The parts of `range` not in the set, in order.
+    pub fn missing(&self, range: Range<u64>) -> Vec<Range<u64>> {
+        let mut gaps = Vec::new();
+        let mut at = range.start;
+        let overlapping = self
+            .spans
+            .range(..range.end)
+            .filter(|(_, e)| **e > range.start);
+        for (&s, &e) in overlapping {
+            if s > at {
+                gaps.push(at..s);
+            }
+            at = at.max(e);
+        }
+        if at < range.end {
+            gaps.push(at..range.end);
+        }
+        gaps
+    }
+
+    pub fn contains(&self, range: Range<u64>) -> bool {
+        range.start >= range.end || self.missing(range).is_empty()
+    }
+
+    pub fn spans(&self) -> impl Iterator<Item = Range<u64>> + '_ {
+        self.spans.iter().map(|(s, e)| *s..*e)
+    }
+
+    /// Bytes covered.
+    pub fn len(&self) -> u64 {
+        self.spans.iter().map(|(s, e)| e - s).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+}
+
+/// What the index knows of one object version.
+#[derive(Debug, Clone)]
+pub struct Cached {
+    pub file: String,
+    pub etag: ETag,
+    pub present: RangeSet,
+}
+
+/// The cache directory: `data/` holds the cache files, `index.db` the SQLite index.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    dir: PathBuf,
+    index: Arc<Mutex<Connection>>,
+}
+
+impl Cache {
+    /// Opens (creating, mode 0700) the cache in `dir`.
+    pub fn open(dir: &Path) -> FsResult<Self> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir.join("data"))?;
+        let index = Connection::open(dir.join("index.db"))?;
+        index.pragma_update(None, "journal_mode", "WAL")?;
+        index.pragma_update(None, "synchronous", "NORMAL")?;
+        index.execute_batch(
+            "CREATE TABLE IF NOT EXISTS objects (
+                 key TEXT PRIMARY KEY,
+                 etag TEXT NOT NULL,
+                 file TEXT NOT NULL UNIQUE
+             );
+             CREATE TABLE IF NOT EXISTS ranges (
+                 file TEXT NOT NULL,
+                 start INTEGER NOT NULL,
+                 end INTEGER NOT NULL,
+                 PRIMARY KEY (file, start)
+             );",
+        )?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            index: Arc::new(Mutex::new(index)),
+        })
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn path_of(&self, file: &str) -> PathBuf {
+        self.dir.join("data").join(file)
+    }
+
+    /// A new, empty cache file; returns its name and an open handle.
+    pub fn new_file(&self) -> FsResult<(String, File)> {
+        let name = uuid::Uuid::new_v4().simple().to_string();
+        let file = OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .open(self.path_of(&name))?;
+        Ok((name, file))
+    }
+
+    pub fn open_file(&self, name: &str) -> FsResult<File> {
+        Ok(OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.path_of(name))?)
+    }
+
+    /// What the index holds for `key`, if anything.
+    pub fn lookup(&self, key: &str) -> FsResult<Option<Cached>> {
+        let index = self.index();
+        let row: Option<(String, String)> = index
+            .query_row(
+                "SELECT file, etag FROM objects WHERE key = ?1",
+                params![key],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((file, etag)) = row else {
+            return Ok(None);
+        };
+        let mut present = RangeSet::default();
+        let mut query = index.prepare("SELECT start, end FROM ranges WHERE file = ?1")?;
+        let spans = query.query_map(params![file], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+        })?;
+        for span in spans {
+            let (start, end) = span?;
+            present.insert(start as u64..end as u64);
+        }
+        Ok(Some(Cached {
+            file,
+            etag: ETag(etag),
+            present,
+        }))
+    }
+
+    /// Records that `file` holds `present` of version `etag` of `key`.
+    pub fn record(&self, key: &str, file: &str, etag: &ETag, present: &RangeSet) -> FsResult<()> {
+        let mut index = self.index();
+        let tx = index.transaction()?;
+        tx.execute(
+            "DELETE FROM objects WHERE key = ?1 OR file = ?2",
+            params![key, file],
+        )?;
+        tx.execute(
+            "INSERT INTO objects (key, etag, file) VALUES (?1, ?2, ?3)",
+            params![key, etag.0, file],
+        )?;
+        tx.execute("DELETE FROM ranges WHERE file = ?1", params![file])?;
+        for span in present.spans() {
+            tx.execute(
+                "INSERT INTO ranges (file, start, end) VALUES (?1, ?2, ?3)",
+                params![file, span.start as i64, span.end as i64],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Drops `key` from the index (its cache file stays, for the caller to reuse or remove).
+    pub fn forget(&self, key: &str) -> FsResult<()> {
+        let index = self.index();
+        let file: Option<String> = index
+            .query_row(
+                "SELECT file FROM objects WHERE key = ?1",
+                params![key],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(file) = file {
+            index.execute("DELETE FROM ranges WHERE file = ?1", params![file])?;
+        }
+        index.execute("DELETE FROM objects WHERE key = ?1", params![key])?;
+        Ok(())
+    }
+
+    /// Drops the index entry of `key` and deletes its cache file.
+    pub fn remove(&self, key: &str) -> FsResult<()> {
+        if let Some(cached) = self.lookup(key)? {
+            self.forget(key)?;
+            let _ = fs::remove_file(self.path_of(&cached.file));
+        }
+        Ok(())
+    }
+
+    /// Deletes a cache file that no index entry names.
+    pub fn discard_file(&self, file: &str) {
+        let _ = fs::remove_file(self.path_of(file));
+    }
+
+    /// Moves index entries from `from` to `to`: one key, or (`prefix`) every key under it.
+    pub fn rename(&self, from: &str, to: &str, prefix: bool) -> FsResult<()> {
+        let index = self.index();
+        if prefix {
+            let cut = from.chars().count() as i64 + 1;
+            index.execute(
+                "UPDATE objects SET key = ?2 || substr(key, ?3) WHERE substr(key, 1, length(?1)) = ?1",
+                params![from, to, cut],
+            )?;
+        } else {
+            index.execute("DELETE FROM objects WHERE key = ?1", params![to])?;
+            index.execute(
+                "UPDATE objects SET key = ?2 WHERE key = ?1",
+                params![from, to],
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_merge_and_report_gaps() {
+        let mut set = RangeSet::default();
+        set.insert(10..20);
+        set.insert(30..40);
+        assert_eq!(set.missing(0..50), vec![0..10, 20..30, 40..50]);
+        set.insert(20..30);
+        assert_eq!(set.spans().collect::<Vec<_>>(), vec![10..40]);
+        set.insert(0..5);
+        set.insert(5..10);
+        assert_eq!(set.spans().collect::<Vec<_>>(), vec![0..40]);
+        assert!(set.contains(3..39));
+        assert!(!set.contains(3..41));
+        set.truncate(25);
+        assert_eq!(set.spans().collect::<Vec<_>>(), vec![0..25]);
+        assert_eq!(set.len(), 25);
+    }
+
+    #[test]
+    fn the_index_survives_reopening_and_follows_renames() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let (file, _) = cache.new_file().unwrap();
+        let mut present = RangeSet::default();
+        present.insert(0..100);
+        present.insert(200..300);
+        cache
+            .record("a/b", &file, &ETag("\"e\"".into()), &present)
+            .unwrap();
+        cache.rename("a/", "z/", true).unwrap();
+        drop(cache);
+        let cache = Cache::open(dir.path()).unwrap();
+        assert!(cache.lookup("a/b").unwrap().is_none());
+        let found = cache.lookup("z/b").unwrap().unwrap();
+        assert_eq!(found.present, present);
+        assert_eq!(found.etag.0, "\"e\"");
+        cache.remove("z/b").unwrap();
+        assert!(cache.lookup("z/b").unwrap().is_none());
+        assert!(!cache.path_of(&file).exists());
+    }
+}

@@ -1,0 +1,128 @@
+//! Wires a mount: the store, the cache directory, the filesystem logic and a FUSE session on a
+//! mountpoint, mounted with allow_other and default_permissions so that containers running as
+//! any user can use it and the kernel checks mode bits.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+
+use crate::cache::Cache;
+use crate::error::FsError;
+use crate::fs::{Filesystem, FsConfig};
+use crate::fuse::FuseAdapter;
+use crate::store::SharedStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("cannot use the cache directory {path}: {source}")]
+    Cache { path: PathBuf, source: FsError },
+    #[error(
+        "cannot mount on {path}: {source} (is it an existing, empty directory, is /dev/fuse there, and are you root?)"
+    )]
+    Fuse {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("uploading changes before unmounting: {0}")]
+    Flush(FsError),
+    #[error("unmounting {path}: {source}")]
+    Unmount {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// How to mount.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    pub fs: FsConfig,
+    pub cache_dir: PathBuf,
+    /// What `mount` shows as the source (never a secret).
+    pub source: String,
+}
+
+/// A live mount.
+#[derive(Debug)]
+pub struct Mounted {
+    session: Option<BackgroundSession>,
+    fs: Arc<Filesystem>,
+    mountpoint: PathBuf,
+}
+
+/// Mounts `store` on `mountpoint`; requests are served on `runtime`.
+pub fn mount(
+    store: SharedStore,
+    mountpoint: &Path,
+    options: MountOptions,
+    runtime: tokio::runtime::Handle,
+) -> Result<Mounted, MountError> {
+    let cache = Cache::open(&options.cache_dir).map_err(|source| MountError::Cache {
+        path: options.cache_dir.clone(),
+        source,
+    })?;
+    let read_only = options.fs.read_only;
+    let fs = Arc::new(Filesystem::new(store, cache, options.fs));
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(options.source),
+        MountOption::Subtype("cairn".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoAtime,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        if read_only {
+            MountOption::RO
+        } else {
+            MountOption::RW
+        },
+    ];
+    config.acl = SessionACL::All;
+    config.n_threads = Some(2);
+    let adapter = FuseAdapter::new(Arc::clone(&fs), runtime);
+    let session =
+        fuser::spawn_mount(adapter, mountpoint, &config).map_err(|source| MountError::Fuse {
+            path: mountpoint.to_path_buf(),
+            source,
+        })?;
+    Ok(Mounted {
+        session: Some(session),
+        fs,
+        mountpoint: mountpoint.to_path_buf(),
+    })
+}
+
+impl Mounted {
+    pub fn filesystem(&self) -> &Arc<Filesystem> {
+        &self.fs
+    }
+
+    /// Whether the kernel still has the mount (false once someone ran `fusermount3 -u`).
+    pub fn is_mounted(&self) -> bool {
+        self.session
+            .as_ref()
+            .is_some_and(|s| !s.guard.is_finished())
+    }
+
+    /// Uploads every change, then unmounts (if still mounted) and waits for the session to end.
+    pub async fn unmount(mut self) -> Result<(), MountError> {
+        let flushed = self.fs.flush_all().await.map_err(MountError::Flush);
+        if let Some(session) = self.session.take() {
+            let path = self.mountpoint.clone();
+            let still_mounted = !session.guard.is_finished();
+            let ended = tokio::task::spawn_blocking(move || {
+                if still_mounted {
+                    session.umount_and_join()
+                } else {
+                    session.join()
+                }
+            })
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()));
+            if let Err(source) | Ok(Err(source)) = ended {
+                return Err(MountError::Unmount { path, source });
+            }
+        }
+        flushed
+    }
+}

@@ -1,0 +1,245 @@
+//! Shared by the integration tests: `cairn mount` run as a user runs it (the real binary, a real
+//! FUSE mount, a real S3 server over HTTP), and direct access to the store to check what
+//! reached it.
+#![allow(dead_code)] // Each test binary uses its own part of this.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cairn_fs::store::{Metadata, SharedStore, StoreExt, StoreSpec, open_store};
+use cairn_testkit::S3Server;
+
+/// Fails loudly when the machine cannot run FUSE tests.
+pub fn require_fuse() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: FUSE tests need it (run the README's test command as root)"
+    );
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "FUSE tests mount filesystems and must run as root");
+}
+
+pub fn is_mounted(path: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let wanted = path.to_string_lossy();
+    mounts
+        .lines()
+        .any(|line| line.split_whitespace().nth(1) == Some(&wanted))
+}
+
+/// A running `cairn mount` of a fresh prefix of the test bucket (or of a given spec).
+pub struct Volume {
+    pub spec: String,
+    pub mountpoint: PathBuf,
+    pub cache_dir: PathBuf,
+    _dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Volume {
+    /// Mounts a new, empty prefix of the shared S3 server.
+    pub fn new(extra: &[&str]) -> Volume {
+        let spec = S3Server::shared().spec(&S3Server::unique_prefix("vol"));
+        Self::mount(&spec, extra)
+    }
+
+    pub fn mount(spec: &str, extra: &[&str]) -> Volume {
+        require_fuse();
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mountpoint = dir.path().join("mnt");
+        let cache_dir = dir.path().join("cache");
+        std::fs::create_dir(&mountpoint).unwrap();
+        let mut volume = Volume {
+            spec: spec.to_string(),
+            mountpoint,
+            cache_dir,
+            _dir: dir,
+            child: None,
+        };
+        volume.start(extra);
+        volume
+    }
+
+    /// Starts `cairn mount` (again) on this volume's mountpoint and waits until it is live.
+    pub fn start(&mut self, extra: &[&str]) {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cairn"));
+        command
+            .args(["mount", &self.spec])
+            .arg(&self.mountpoint)
+            .arg("--cache-dir")
+            .arg(&self.cache_dir)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("start cairn mount");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !is_mounted(&self.mountpoint) {
+            if let Ok(Some(status)) = child.try_wait() {
+                let output = child.wait_with_output().unwrap();
+                panic!(
+                    "cairn mount exited with {status} before mounting: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cairn mount did not mount within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.child = Some(child);
+    }
+
+    pub fn path(&self, relative: &str) -> PathBuf {
+        self.mountpoint.join(relative)
+    }
+
+    /// Stops the mount with SIGTERM (uploading changes) and returns what it printed.
+    pub fn stop(&mut self) -> String {
+        let Some(child) = self.child.take() else {
+            return String::new();
+        };
+        // SAFETY: sending a signal to our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let output = wait_with_timeout(child, Duration::from_secs(60));
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(
+            output.status.success(),
+            "cairn mount failed to stop cleanly: {stderr}"
+        );
+        assert!(!is_mounted(&self.mountpoint), "still mounted after stop");
+        stderr
+    }
+
+    /// Stops and mounts again with the same cache directory.
+    pub fn remount(&mut self, extra: &[&str]) {
+        self.stop();
+        self.start(extra);
+    }
+
+    /// Stops and mounts again with an empty cache, so every read goes to the store.
+    pub fn remount_cold(&mut self, extra: &[&str]) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.cache_dir);
+        self.start(extra);
+    }
+
+    /// Waits for the process to end by itself (after an outside unmount).
+    pub fn wait_exit(&mut self) -> std::process::Output {
+        let child = self.child.take().expect("a running mount");
+        wait_with_timeout(child, Duration::from_secs(60))
+    }
+}
+
+fn wait_with_timeout(mut child: Child, limit: Duration) -> std::process::Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().ok().flatten().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+        .wait_with_output()
+        .expect("collect the mount's output")
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: sending a signal to our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if is_mounted(&self.mountpoint) {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.mountpoint)
+                .status();
+        }
+    }
+}
+
+/// Talks to the store directly, bypassing cairn's mount.
+pub struct Direct {
+    runtime: tokio::runtime::Runtime,
+    pub store: SharedStore,
+}
+
+impl Direct {
+    pub fn new(spec: &str) -> Direct {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let spec: StoreSpec = spec.parse().unwrap();
+        let store = runtime.block_on(open_store(&spec)).unwrap();
+        Direct { runtime, store }
+    }
+
+    pub fn get(&self, key: &str) -> Option<(Metadata, Vec<u8>)> {
+        self.runtime
+            .block_on(self.store.head_opt(key))
+            .unwrap()
+            .map(|_| {
+                let (info, body) = self.runtime.block_on(self.store.get_all(key)).unwrap();
+                (info.metadata, body.to_vec())
+            })
+    }
+
+    pub fn put(&self, key: &str, body: &[u8], metadata: Metadata) {
+        let options = cairn_fs::store::PutOptions::with_metadata(metadata);
+        self.runtime
+            .block_on(
+                self.store
+                    .put(key, bytes::Bytes::copy_from_slice(body), options),
+            )
+            .unwrap();
+    }
+
+    pub fn delete(&self, key: &str) {
+        self.runtime.block_on(self.store.delete(key)).unwrap();
+    }
+
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        let page = self
+            .runtime
+            .block_on(self.store.list_all(prefix, false))
+            .unwrap();
+        page.objects.into_iter().map(|o| o.key).collect()
+    }
+
+    /// Puts many small objects with several requests in flight.
+    pub fn put_many(&self, keys: Vec<String>) {
+        let store = Arc::clone(&self.store);
+        self.runtime.block_on(async move {
+            use futures::StreamExt;
+            futures::stream::iter(keys)
+                .map(|key| {
+                    let store = Arc::clone(&store);
+                    async move {
+                        let body = bytes::Bytes::from(key.clone());
+                        store.put(&key, body, Default::default()).await.unwrap();
+                    }
+                })
+                .buffer_unordered(32)
+                .collect::<Vec<_>>()
+                .await;
+        });
+    }
+}
+
+/// The errno of a failed std call.
+pub fn errno<T: std::fmt::Debug>(result: std::io::Result<T>) -> i32 {
+    result
+        .expect_err("the call should have failed")
+        .raw_os_error()
+        .expect("an OS error")
+}
