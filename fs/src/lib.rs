@@ -7,6 +7,7 @@ pub mod cache;
 pub mod error;
 pub mod fs;
 pub mod fuse;
+pub mod journal;
 pub mod mount;
 pub mod namespace;
 pub mod store;

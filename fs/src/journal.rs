@@ -1,0 +1,548 @@
+//! The change log: an ordered list of changes made locally and not yet applied to the store,
+//! kept in SQLite (WAL) so that it survives a crash of the mount process, and mirrored in memory
+//! so that the filesystem can answer from it (a pending create is a file; a pending delete hides
+//! what the store still holds).
+//!
+//! Coalescing: a key has at most one entry that has not started uploading; a newer change of the
+//! same key replaces it in place, keeping its position in the order (so a file never moves ahead
+//! of its directory's marker). A delete of a key the store never had removes the pending entry
+//! instead: a file written then deleted before upload never reaches the store.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, params};
+use serde::{Deserialize, Serialize};
+
+use crate::attrs::{Attrs, Kind};
+use crate::error::FsResult;
+
+/// One change to apply to the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    /// Upload the contents of a cache file as the object, with these attributes.
+    PutFile { cache_file: String, attrs: StoredAttrs },
+    /// Put a directory's `dir/` marker.
+    PutDir { attrs: StoredAttrs },
+    /// Put a symlink object whose body is the target.
+    PutSymlink { target: String, attrs: StoredAttrs },
+    /// Copy another object (version `etag`, `size` bytes) here inside the store: a renamed file.
+    Copy { from: String, etag: String, size: u64, attrs: StoredAttrs },
+    /// Rewrite an object's (or a directory marker's) attributes.
+    SetAttrs { kind: StoredKind, attrs: StoredAttrs },
+    /// Delete the object.
+    Delete,
+    /// Delete the directory's marker.
+    DeleteDir,
+}
+
+/// Attributes as the journal stores them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredAttrs {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_ns: u128,
+}
+
+impl From<Attrs> for StoredAttrs {
+    fn from(a: Attrs) -> Self {
+        Self {
+            mode: a.mode,
+            uid: a.uid,
+            gid: a.gid,
+            mtime_ns: a.mtime.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
+        }
+    }
+}
+
+impl From<StoredAttrs> for Attrs {
+    fn from(a: StoredAttrs) -> Self {
+        let secs = (a.mtime_ns / 1_000_000_000) as u64;
+        let nanos = (a.mtime_ns % 1_000_000_000) as u32;
+        Attrs {
+            mode: a.mode,
+            uid: a.uid,
+            gid: a.gid,
+            mtime: UNIX_EPOCH + Duration::new(secs, nanos),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoredKind {
+    File,
+    Dir,
+    Symlink,
+}
+
+impl From<Kind> for StoredKind {
+    fn from(k: Kind) -> Self {
+        match k {
+            Kind::File => Self::File,
+            Kind::Dir => Self::Dir,
+            Kind::Symlink => Self::Symlink,
+        }
+    }
+}
+
+impl From<StoredKind> for Kind {
+    fn from(k: StoredKind) -> Self {
+        match k {
+            StoredKind::File => Self::File,
+            StoredKind::Dir => Self::Dir,
+            StoredKind::Symlink => Self::Symlink,
+        }
+    }
+}
+
+impl Change {
+    /// What the key holds once this change applies: a kind and attributes, or nothing.
+    pub fn outcome(&self) -> Option<(Kind, Attrs)> {
+        match self {
+            Self::PutFile { attrs, .. } | Self::Copy { attrs, .. } => Some((Kind::File, (*attrs).into())),
+            Self::PutDir { attrs } => Some((Kind::Dir, (*attrs).into())),
+            Self::PutSymlink { attrs, .. } => Some((Kind::Symlink, (*attrs).into())),
+            Self::SetAttrs { kind, attrs } => Some(((*kind).into(), (*attrs).into())),
+            Self::Delete | Self::DeleteDir => None,
+        }
+    }
+
+    fn with_attrs(&self, new: StoredAttrs) -> Change {
+        let mut changed = self.clone();
+        match &mut changed {
+            Self::PutFile { attrs, .. }
+            | Self::PutDir { attrs }
+            | Self::PutSymlink { attrs, .. }
+            | Self::Copy { attrs, .. }
+            | Self::SetAttrs { attrs, .. } => *attrs = new,
+            Self::Delete | Self::DeleteDir => {}
+        }
+        changed
+    }
+}
+
+/// One pending change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub seq: u64,
+    pub key: String,
+    pub change: Change,
+    /// Whether the store held the key before the first pending change of it.
+    pub existed: bool,
+    /// Not to be applied before this time (the write-back delay after a close).
+    pub not_before: SystemTime,
+}
+
+impl Entry {
+    /// Keys this entry reads or writes in the store.
+    fn keys(&self) -> impl Iterator<Item = &str> {
+        let from = match &self.change {
+            Change::Copy { from, .. } => Some(from.as_str()),
+            _ => None,
+        };
+        std::iter::once(self.key.as_str()).chain(from)
+    }
+
+    /// Whether two entries must be applied in order: they touch the same key, or one key is a
+    /// directory above the other.
+    pub fn related(&self, other: &Entry) -> bool {
+        self.keys()
+            .any(|a| other.keys().any(|b| a == b || is_below(a, b) || is_below(b, a)))
+    }
+}
+
+/// Whether `key` lies inside directory `dir`.
+fn is_below(key: &str, dir: &str) -> bool {
+    key.len() > dir.len() && key.starts_with(dir) && key.as_bytes()[dir.len()] == b'/'
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn from_unix_seconds(s: f64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs_f64(s.max(0.0))
+}
+
+/// The journal: SQLite on disk, a map in memory.
+#[derive(Debug)]
+pub struct Journal {
+    db: Connection,
+    entries: BTreeMap<u64, Entry>,
+    /// key -> seqs of its pending entries, oldest first.
+    by_key: HashMap<String, Vec<u64>>,
+    in_flight: HashSet<u64>,
+    next_seq: u64,
+}
+
+impl Journal {
+    /// Opens (creating) the journal in `path` and loads what is pending.
+    pub fn open(path: &Path) -> FsResult<Self> {
+        let db = Connection::open(path)?;
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        // NORMAL in WAL mode survives a crash of the process (the OS has every commit); an
+        // fsync with fsync=local asks for a full sync explicitly.
+        db.pragma_update(None, "synchronous", "NORMAL")?;
+        db.execute_batch(
+            "CREATE TABLE IF NOT EXISTS changes (
+                 seq INTEGER PRIMARY KEY,
+                 key TEXT NOT NULL,
+                 change TEXT NOT NULL,
+                 existed INTEGER NOT NULL,
+                 not_before REAL NOT NULL
+             );",
+        )?;
+        let mut journal = Self {
+            db,
+            entries: BTreeMap::new(),
+            by_key: HashMap::new(),
+            in_flight: HashSet::new(),
+            next_seq: 1,
+        };
+        let loaded: Vec<Entry> = {
+            let mut query = journal
+                .db
+                .prepare("SELECT seq, key, change, existed, not_before FROM changes ORDER BY seq")?;
+            let rows = query.query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, f64>(4)?,
+                ))
+            })?;
+            let mut loaded = Vec::new();
+            for row in rows {
+                let (seq, key, change, existed, not_before) = row?;
+                let change: Change = serde_json::from_str(&change).map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
+                })?;
+                loaded.push(Entry {
+                    seq: seq as u64,
+                    key,
+                    change,
+                    existed: existed != 0,
+                    not_before: from_unix_seconds(not_before),
+                });
+            }
+            loaded
+        };
+        for entry in loaded {
+            journal.next_seq = journal.next_seq.max(entry.seq + 1);
+            journal.by_key.entry(entry.key.clone()).or_default().push(entry.seq);
+            journal.entries.insert(entry.seq, entry);
+        }
+        Ok(journal)
+    }
+
+    fn write_row(&self, entry: &Entry) -> FsResult<()> {
+        let change = serde_json::to_string(&entry.change).expect("changes serialize");
+        self.db.execute(
+            "INSERT OR REPLACE INTO changes (seq, key, change, existed, not_before) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![entry.seq as i64, entry.key, change, entry.existed as i64, unix_seconds(entry.not_before)],
+        )?;
+        Ok(())
+    }
+
+    fn delete_row(&self, seq: u64) -> FsResult<()> {
+        self.db.execute("DELETE FROM changes WHERE seq = ?1", params![seq as i64])?;
+        Ok(())
+    }
+
+    /// The newest pending entry of `key`.
+    pub fn latest(&self, key: &str) -> Option<&Entry> {
+        self.by_key.get(key)?.last().and_then(|seq| self.entries.get(seq))
+    }
+
+    /// The newest entry of `key` that has not started, which a new change may replace.
+    fn replaceable(&self, key: &str) -> Option<u64> {
+        let seq = *self.by_key.get(key)?.last()?;
+        (!self.in_flight.contains(&seq)).then_some(seq)
+    }
+
+    /// Whether the store holds `key` as far as the journal knows: the store's answer before the
+    /// first pending change, as given by `store_has` (None when the journal has nothing).
+    pub fn existed(&self, key: &str) -> Option<bool> {
+        let first = *self.by_key.get(key)?.first()?;
+        self.entries.get(&first).map(|e| e.existed)
+    }
+
+    /// Records a change of `key`; `store_has` says whether the store holds the key now (used
+    /// when the journal has no entry for it). Returns the entry's sequence number, or None when
+    /// the change cancelled a pending create.
+    pub fn record(&mut self, key: &str, change: Change, store_has: bool, not_before: SystemTime) -> FsResult<Option<u64>> {
+        let existed = self.existed(key).unwrap_or(store_has);
+        let in_flight_pending = self
+            .by_key
+            .get(key)
+            .is_some_and(|seqs| seqs.iter().any(|s| self.in_flight.contains(s)));
+        if matches!(change, Change::Delete | Change::DeleteDir) && !existed && !in_flight_pending {
+            // Never reached the store: forget it ever existed.
+            if let Some(seq) = self.replaceable(key) {
+                self.remove(seq)?;
+            }
+            return Ok(None);
+        }
+        if let Some(seq) = self.replaceable(key) {
+            let entry = self.entries.get_mut(&seq).expect("indexed entries exist");
+            entry.change = change;
+            // The earlier due time stands: repeated closes do not postpone an upload.
+            entry.not_before = entry.not_before.min(not_before);
+            let entry = entry.clone();
+            self.write_row(&entry)?;
+            return Ok(Some(seq));
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let entry = Entry {
+            seq,
+            key: key.to_string(),
+            change,
+            existed,
+            not_before,
+        };
+        self.write_row(&entry)?;
+        self.by_key.entry(key.to_string()).or_default().push(seq);
+        self.entries.insert(seq, entry);
+        Ok(Some(seq))
+    }
+
+    /// Changes the attributes a pending change will write; false if nothing is pending.
+    pub fn update_attrs(&mut self, key: &str, attrs: StoredAttrs) -> FsResult<bool> {
+        let Some(seq) = self.replaceable(key) else {
+            return Ok(false);
+        };
+        let entry = self.entries.get_mut(&seq).expect("indexed entries exist");
+        if entry.change.outcome().is_none() {
+            return Ok(false);
+        }
+        entry.change = entry.change.with_attrs(attrs);
+        let entry = entry.clone();
+        self.write_row(&entry)?;
+        Ok(true)
+    }
+
+    /// Makes the pending change of `key` due now (fsync, flush).
+    pub fn hurry(&mut self, key: &str) -> FsResult<Option<u64>> {
+        let Some(seq) = self.by_key.get(key).and_then(|s| s.last().copied()) else {
+            return Ok(None);
+        };
+        if let Some(entry) = self.entries.get_mut(&seq)
+            && !self.in_flight.contains(&seq)
+        {
+            entry.not_before = SystemTime::UNIX_EPOCH;
+            let entry = entry.clone();
+            self.write_row(&entry)?;
+        }
+        Ok(Some(seq))
+    }
+
+    /// Makes every pending change due now (unmount, `cairn flush`).
+    pub fn hurry_all(&mut self) -> FsResult<()> {
+        let due: Vec<u64> = self.entries.keys().copied().collect();
+        for seq in due {
+            if let Some(entry) = self.entries.get_mut(&seq) {
+                entry.not_before = SystemTime::UNIX_EPOCH;
+            }
+        }
+        self.db.execute("UPDATE changes SET not_before = 0", [])?;
+        Ok(())
+    }
+
+    /// Drops a pending entry (applied, or cancelled).
+    pub fn remove(&mut self, seq: u64) -> FsResult<()> {
+        self.delete_row(seq)?;
+        self.in_flight.remove(&seq);
+        if let Some(entry) = self.entries.remove(&seq)
+            && let Some(seqs) = self.by_key.get_mut(&entry.key)
+        {
+            seqs.retain(|s| *s != seq);
+            if seqs.is_empty() {
+                self.by_key.remove(&entry.key);
+            }
+        }
+        Ok(())
+    }
+
+    /// Entries that may start now: due, not started, and with no earlier related entry still
+    /// pending. At most `limit`.
+    pub fn take_runnable(&mut self, now: SystemTime, limit: usize) -> Vec<Entry> {
+        let mut picked = Vec::new();
+        let mut blocked: Vec<&Entry> = Vec::new();
+        for entry in self.entries.values() {
+            if picked.len() >= limit {
+                break;
+            }
+            let waiting = blocked.iter().any(|b| b.related(entry));
+            let ready = !waiting && !self.in_flight.contains(&entry.seq) && entry.not_before <= now;
+            if ready {
+                picked.push(entry.clone());
+            }
+            blocked.push(entry);
+        }
+        for entry in &picked {
+            self.in_flight.insert(entry.seq);
+        }
+        picked
+    }
+
+    /// An entry that failed goes back to waiting (to be retried after `not_before`).
+    pub fn retry_later(&mut self, seq: u64, not_before: SystemTime) {
+        self.in_flight.remove(&seq);
+        if let Some(entry) = self.entries.get_mut(&seq) {
+            entry.not_before = entry.not_before.max(not_before);
+        }
+    }
+
+    /// When the next waiting entry is due, if any.
+    pub fn next_due(&self) -> Option<SystemTime> {
+        self.entries
+            .values()
+            .filter(|e| !self.in_flight.contains(&e.seq))
+            .map(|e| e.not_before)
+            .min()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Whether any entry up to `seq` is still pending.
+    pub fn pending_up_to(&self, seq: u64) -> bool {
+        self.entries.range(..=seq).next().is_some()
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.values()
+    }
+
+    /// Pending changes of the direct children of directory `prefix` ("" or "dir/").
+    pub fn children<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a Entry> + 'a {
+        self.by_key
+            .iter()
+            .filter(move |(key, _)| key.len() > prefix.len() && key.starts_with(prefix) && !key[prefix.len()..].contains('/'))
+            .filter_map(|(_, seqs)| seqs.last().and_then(|s| self.entries.get(s)))
+    }
+
+    /// Forces the journal to disk (fsync=local).
+    pub fn sync(&self) -> FsResult<()> {
+        self.db.execute_batch("PRAGMA wal_checkpoint(FULL);")?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attrs::S_IFREG;
+
+    fn attrs() -> StoredAttrs {
+        StoredAttrs {
+            mode: S_IFREG | 0o644,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 0,
+        }
+    }
+
+    fn put(file: &str) -> Change {
+        Change::PutFile {
+            cache_file: file.into(),
+            attrs: attrs(),
+        }
+    }
+
+    fn now() -> SystemTime {
+        SystemTime::now()
+    }
+
+    #[test]
+    fn a_file_written_then_deleted_never_reaches_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(&dir.path().join("j.db")).unwrap();
+        journal.record("a", put("f1"), false, now()).unwrap();
+        assert_eq!(journal.record("a", Change::Delete, false, now()).unwrap(), None);
+        assert!(journal.is_empty());
+        // A file the store has needs its delete.
+        journal.record("b", put("f2"), true, now()).unwrap();
+        journal.record("b", Change::Delete, true, now()).unwrap();
+        assert_eq!(journal.latest("b").unwrap().change, Change::Delete);
+        assert_eq!(journal.len(), 1);
+    }
+
+    #[test]
+    fn changes_replace_in_place_and_keep_their_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(&dir.path().join("j.db")).unwrap();
+        let marker = journal.record("d", Change::PutDir { attrs: attrs() }, false, now()).unwrap();
+        journal.record("d/f", put("f1"), false, now()).unwrap();
+        let again = journal.record("d", Change::PutDir { attrs: attrs() }, false, now()).unwrap();
+        assert_eq!(again, marker, "the marker keeps its place ahead of its file");
+        let runnable = journal.take_runnable(now(), 10);
+        assert_eq!(runnable.len(), 1, "the file waits for its directory's marker");
+        assert_eq!(runnable[0].key, "d");
+        journal.remove(runnable[0].seq).unwrap();
+        let next = journal.take_runnable(now(), 10);
+        assert_eq!(next[0].key, "d/f");
+    }
+
+    #[test]
+    fn an_entry_in_flight_is_not_changed_underneath() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(&dir.path().join("j.db")).unwrap();
+        journal.record("a", put("f1"), false, now()).unwrap();
+        let started = journal.take_runnable(now(), 1);
+        let newer = journal.record("a", put("f1"), false, now()).unwrap().unwrap();
+        assert_ne!(newer, started[0].seq);
+        assert!(journal.take_runnable(now(), 10).is_empty(), "the newer one waits for the first");
+        journal.remove(started[0].seq).unwrap();
+        assert_eq!(journal.take_runnable(now(), 10)[0].seq, newer);
+    }
+
+    #[test]
+    fn the_journal_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.db");
+        {
+            let mut journal = Journal::open(&path).unwrap();
+            journal.record("x", put("f1"), false, now()).unwrap();
+            journal
+                .record("y", Change::Copy { from: "x0".into(), etag: "\"e\"".into(), size: 3, attrs: attrs() }, false, now())
+                .unwrap();
+        }
+        let journal = Journal::open(&path).unwrap();
+        assert_eq!(journal.len(), 2);
+        assert!(matches!(journal.latest("y").unwrap().change, Change::Copy { .. }));
+    }
+
+    #[test]
+    fn a_copy_waits_for_nothing_but_blocks_the_delete_of_its_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(&dir.path().join("j.db")).unwrap();
+        journal
+            .record("b", Change::Copy { from: "a".into(), etag: "\"e\"".into(), size: 1, attrs: attrs() }, false, now())
+            .unwrap();
+        journal.record("a", Change::Delete, true, now()).unwrap();
+        let runnable = journal.take_runnable(now(), 10);
+        assert_eq!(runnable.len(), 1);
+        assert_eq!(runnable[0].key, "b");
+    }
+
+    #[test]
+    fn delays_are_respected_until_hurried() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = Journal::open(&dir.path().join("j.db")).unwrap();
+        let later = now() + Duration::from_secs(60);
+        journal.record("a", put("f1"), false, later).unwrap();
+        assert!(journal.take_runnable(now(), 10).is_empty());
+        journal.hurry("a").unwrap();
+        assert_eq!(journal.take_runnable(now(), 10).len(), 1);
+    }
+}
