@@ -1,9 +1,10 @@
 //! The `cairn` command: parses the command line and runs the subcommand.
 //!
-//! Today: `cairn store check [SPEC]` and `cairn mount SPEC MOUNTPOINT`. The plugin daemon
-//! (`serve`), `flush` and the reports arrive with the issues that build them.
+//! Today: `cairn store check [SPEC]`, `cairn mount SPEC MOUNTPOINT` and `cairn flush MOUNTPOINT`.
+//! The plugin daemon (`serve`) and the reports arrive with the issues that build them.
 
 mod check;
+mod flush;
 mod mount;
 
 use std::path::PathBuf;
@@ -41,6 +42,8 @@ enum Command {
     Store(StoreCommand),
     /// Mount a store prefix on a directory, in the foreground, until SIGINT or SIGTERM.
     Mount(mount::MountArgs),
+    /// Upload everything a mount holds now, and wait until the store has it.
+    Flush(flush::FlushArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -74,5 +77,6 @@ fn main() -> ExitCode {
             runtime.block_on(check::run(spec.as_deref(), &cli.state_dir))
         }
         Command::Mount(args) => runtime.block_on(mount::run(args, &cli.state_dir)),
+        Command::Flush(args) => flush::run(args),
     }
 }

@@ -42,6 +42,60 @@ pub struct MountArgs {
     /// Permission bits (octal) shown for directories that carry no attributes.
     #[arg(long, default_value = "755", value_parser = octal)]
     pub dir_mode: u32,
+    /// Seconds after a close before the file's upload starts (more writes may follow).
+    #[arg(long, default_value_t = 2.0)]
+    pub writeback_delay: f64,
+    /// When fsync returns: once the data is in the store, or once it is on local disk.
+    #[arg(long, value_enum, default_value_t = FsyncMode::Store)]
+    pub fsync: FsyncMode,
+    /// Seconds a file kept open and written may go without an upload.
+    #[arg(long, default_value_t = 30.0)]
+    pub max_dirty_age: f64,
+    /// Local disk the cache may use, like 10G or 512M: clean data beyond it is evicted, and
+    /// writers wait for uploads when changed data fills it.
+    #[arg(long, default_value = "10G", value_parser = size)]
+    pub cache_size: u64,
+}
+
+/// When fsync returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FsyncMode {
+    Store,
+    Local,
+}
+
+/// A byte count with an optional K, M, G or T suffix (powers of 1024).
+pub fn size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, ""),
+    };
+    let shift = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches(['B', 'I'])
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("{text:?} is not a size like 512M or 10G")),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("{text:?} is not a size like 512M or 10G"))
+}
+
+fn seconds(name: &str, value: f64) -> Result<Duration, String> {
+    if value.is_finite() && value >= 0.0 {
+        Ok(Duration::from_secs_f64(value))
+    } else {
+        Err(format!("--{name} must be a number of seconds, 0 or more"))
+    }
 }
 
 fn octal(text: &str) -> Result<u32, String> {
@@ -71,9 +125,9 @@ pub async fn run(args: MountArgs, state_dir: &Path) -> ExitCode {
 }
 
 async fn serve(args: MountArgs, state_dir: &Path) -> Result<(), String> {
-    if !args.metadata_ttl.is_finite() || args.metadata_ttl < 0.0 {
-        return Err("--metadata-ttl must be a number of seconds, 0 or more".into());
-    }
+    let metadata_ttl = seconds("metadata-ttl", args.metadata_ttl)?;
+    let writeback_delay = seconds("writeback-delay", args.writeback_delay)?;
+    let max_dirty_age = seconds("max-dirty-age", args.max_dirty_age)?;
     let spec: StoreSpec = args
         .spec
         .parse()
@@ -95,8 +149,12 @@ async fn serve(args: MountArgs, state_dir: &Path) -> Result<(), String> {
                 file_mode: args.file_mode,
                 dir_mode: args.dir_mode,
             },
-            metadata_ttl: Duration::from_secs_f64(args.metadata_ttl),
+            metadata_ttl,
             read_only: args.read_only,
+            writeback_delay,
+            fsync_local: args.fsync == FsyncMode::Local,
+            max_dirty_age,
+            cache_size: args.cache_size,
             ..FsConfig::default()
         },
         cache_dir: args
@@ -125,7 +183,7 @@ async fn serve(args: MountArgs, state_dir: &Path) -> Result<(), String> {
         }
     }
     eprintln!(
-        "unmounting {}: uploading changes first",
+        "unmounting {}; then uploading what is not yet in the store",
         args.mountpoint.display()
     );
     mounted.unmount().await.map_err(|e| e.to_string())?;
@@ -143,6 +201,16 @@ mod tests {
         assert_eq!(octal("0755"), Ok(0o755));
         assert!(octal("999").is_err());
         assert!(octal("17777").is_err());
+    }
+
+    #[test]
+    fn sizes_take_suffixes() {
+        assert_eq!(size("512M"), Ok(512 << 20));
+        assert_eq!(size("10G"), Ok(10 << 30));
+        assert_eq!(size("1gib"), Ok(1 << 30));
+        assert_eq!(size("4096"), Ok(4096));
+        assert!(size("ten").is_err());
+        assert!(size("5X").is_err());
     }
 
     #[test]

@@ -105,7 +105,8 @@ fn random_reads_writes_and_truncates_match_a_reference_file() {
     );
     assert!(writes > 1000 && truncates > 100 && reads > 500 && reopens > 50);
 
-    // The store holds exactly the final version.
+    // Once flushed, the store holds exactly the final version.
+    volume.flush();
     let (bucket_root, query) = volume.spec.split_once('?').unwrap();
     let prefix = bucket_root.splitn(4, '/').nth(3).unwrap().to_string();
     let root: String = bucket_root

@@ -38,6 +38,7 @@ fn files_round_trip_and_reach_the_store_with_attributes() {
     let volume = Volume::new(&[]);
     fs::write(volume.path("hello.txt"), b"hello, cairn\n").unwrap();
     assert_eq!(read(&volume.path("hello.txt")), b"hello, cairn\n");
+    volume.flush();
     let (metadata, body) = direct(&volume)
         .get(&key_of(&volume, "hello.txt"))
         .expect("the object");
@@ -72,6 +73,7 @@ fn overwrite_in_the_middle_append_and_o_append() {
     append.write_all(b"!").unwrap();
     drop(append);
     assert_eq!(read(&path), b"012XY56789++!");
+    volume.flush();
     assert_eq!(
         direct(&volume).get(&key_of(&volume, "f")).unwrap().1,
         b"012XY56789++!"
@@ -99,6 +101,7 @@ fn o_trunc_and_o_excl() {
         .open(&path)
         .unwrap();
     assert_eq!(fs::metadata(&path).unwrap().len(), 0);
+    volume.flush();
     assert_eq!(direct(&volume).get(&key_of(&volume, "f")).unwrap().1, b"");
 }
 
@@ -167,6 +170,7 @@ fn unlink_mkdir_rmdir_and_their_errors() {
     assert_eq!(errno(fs::create_dir(volume.path("nope/sub"))), libc::ENOENT);
     fs::remove_file(volume.path("d/f")).unwrap();
     assert!(!volume.path("d/f").exists());
+    volume.flush();
     assert_eq!(direct(&volume).get(&key_of(&volume, "d/f")), None);
     // An empty directory persists (its marker), and goes with rmdir.
     fs::create_dir(volume.path("empty")).unwrap();
@@ -175,6 +179,7 @@ fn unlink_mkdir_rmdir_and_their_errors() {
     assert!(volume.path("d").is_dir());
     fs::remove_dir(volume.path("d")).unwrap();
     assert!(!volume.path("d").exists());
+    volume.flush();
     assert!(direct(&volume).keys(&key_of(&volume, "d/")).is_empty());
 }
 
@@ -424,6 +429,8 @@ fn changes_by_others_appear_within_the_metadata_ttl() {
     let store = direct(&volume);
     fs::write(volume.path("shared.txt"), b"version 1").unwrap();
     assert_eq!(read(&volume.path("shared.txt")), b"version 1");
+    // Once this mount's own change is in the store, the store's newer versions win.
+    volume.flush();
     store.put(
         &key_of(&volume, "shared.txt"),
         b"version 2, longer",

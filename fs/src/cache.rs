@@ -123,10 +123,16 @@ pub struct Cache {
 impl Cache {
     /// Opens (creating, mode 0700) the cache in `dir`.
     pub fn open(dir: &Path) -> FsResult<Self> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir.join("data"))?;
+        for sub in ["data", "snapshots"] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir.join(sub))?;
+        }
+        // Snapshots are only ever in use by a running uploader.
+        for stale in fs::read_dir(dir.join("snapshots"))? {
+            let _ = fs::remove_file(stale?.path());
+        }
         let index = Connection::open(dir.join("index.db"))?;
         index.pragma_update(None, "journal_mode", "WAL")?;
         index.pragma_update(None, "synchronous", "NORMAL")?;
@@ -134,7 +140,8 @@ impl Cache {
             "CREATE TABLE IF NOT EXISTS objects (
                  key TEXT PRIMARY KEY,
                  etag TEXT NOT NULL,
-                 file TEXT NOT NULL UNIQUE
+                 file TEXT NOT NULL UNIQUE,
+                 used REAL NOT NULL DEFAULT 0
              );
              CREATE TABLE IF NOT EXISTS ranges (
                  file TEXT NOT NULL,
@@ -151,6 +158,81 @@ impl Cache {
 
     fn index(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A fresh path for an upload's snapshot of a cache file.
+    pub fn snapshot_path(&self) -> PathBuf {
+        self.dir
+            .join("snapshots")
+            .join(uuid::Uuid::new_v4().simple().to_string())
+    }
+
+    /// Marks a cache file as just used (eviction takes the least recently used first).
+    pub fn touch(&self, file: &str) -> FsResult<()> {
+        self.index().execute(
+            "UPDATE objects SET used = ?2 WHERE file = ?1",
+            params![file, now_seconds()],
+        )?;
+        Ok(())
+    }
+
+    /// Cache files the index names.
+    pub fn indexed_files(&self) -> FsResult<Vec<String>> {
+        let index = self.index();
+        let mut query = index.prepare("SELECT file FROM objects")?;
+        let files = query
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok(files)
+    }
+
+    /// Every cache file on disk.
+    pub fn all_files(&self) -> FsResult<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(self.dir.join("data"))? {
+            names.push(entry?.file_name().to_string_lossy().into_owned());
+        }
+        Ok(names)
+    }
+
+    /// Bytes of local disk a cache file takes (its allocated blocks; holes take none).
+    pub fn file_bytes(&self, file: &str) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(self.path_of(file)).map_or(0, |m| m.blocks() * 512)
+    }
+
+    /// Evicts clean cached files, least recently used first, until the cache takes at most
+    /// nine tenths of `limit` bytes; files named in `keep` (changed, open, pending upload) are
+    /// never evicted.
+    pub fn evict(&self, limit: u64, keep: &std::collections::HashSet<String>) -> FsResult<()> {
+        let mut used: u64 = self.all_files()?.iter().map(|f| self.file_bytes(f)).sum();
+        if used <= limit {
+            return Ok(());
+        }
+        let candidates: Vec<(String, String)> = {
+            let index = self.index();
+            let mut query = index.prepare("SELECT key, file FROM objects ORDER BY used")?;
+            query
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?
+        };
+        let target = limit / 10 * 9;
+        for (key, file) in candidates {
+            if used <= target {
+                break;
+            }
+            if keep.contains(&file) {
+                continue;
+            }
+            let bytes = self.file_bytes(&file);
+            self.remove(&key)?;
+            used = used.saturating_sub(bytes);
+        }
+        Ok(())
     }
 
     pub fn path_of(&self, file: &str) -> PathBuf {
@@ -214,8 +296,8 @@ impl Cache {
             params![key, file],
         )?;
         tx.execute(
-            "INSERT INTO objects (key, etag, file) VALUES (?1, ?2, ?3)",
-            params![key, etag.0, file],
+            "INSERT INTO objects (key, etag, file, used) VALUES (?1, ?2, ?3, ?4)",
+            params![key, etag.0, file, now_seconds()],
         )?;
         tx.execute("DELETE FROM ranges WHERE file = ?1", params![file])?;
         for span in present.spans() {
@@ -277,6 +359,12 @@ impl Cache {
         }
         Ok(())
     }
+}
+
+fn now_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 #[cfg(test)]

@@ -1,13 +1,14 @@
-//! The filesystem logic: POSIX operations over a store prefix, with a local read cache. Async,
-//! FUSE-free, and returning plain results, so that it is tested directly (the property test
-//! drives it against a model) and the FUSE adapter stays thin.
+//! The filesystem logic: POSIX operations over a store prefix, local first. Async, FUSE-free,
+//! and returning plain results, so that it is tested directly (the property test drives it
+//! against a model) and the FUSE adapter stays thin.
 //!
 //! Mapping (docs/SEMANTICS.md has the full contract): a file or symlink is one object whose key
 //! is its path; a directory is a key prefix plus a `dir/` marker object; attributes travel as
-//! s3fs-style metadata. Namespace changes go to the store at once. A file's contents are cached
-//! in a local cache file; writes change the cache file, and the whole file is uploaded when it is
-//! flushed, fsynced or closed (or truncated while not open), under the file's lock, so the store
-//! only ever holds versions the file really had.
+//! s3fs-style metadata. Reads fill a local block cache from the store. Changes apply to the
+//! local cache and to the change log ([`crate::journal`]) and return at local speed; the
+//! uploader ([`upload`]) applies the log to the store in order, in the background.
+
+mod upload;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -16,20 +17,23 @@ use std::ops::Range;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
+use tokio::sync::Notify;
 
 use crate::attrs::{Attrs, Defaults, Kind, S_IFDIR, S_IFREG};
 use crate::cache::{Cache, RangeSet};
 use crate::error::{FsError, FsResult};
+use crate::journal::{Change, Journal, StoredAttrs};
 use crate::namespace::{Inode, Namespace, ROOT, Remote};
 use crate::store::{
-    ETag, ErrorKind, GetOptions, ListOptions, MAX_KEY_LEN, ObjectInfo, PutCondition, PutOptions,
-    SharedStore, StoreExt,
+    ErrorKind, GetOptions, ListOptions, MAX_KEY_LEN, ObjectInfo, PutOptions, SharedStore, StoreExt,
 };
+
+pub use upload::{Pending, Status};
 
 /// The longest file name, in bytes.
 pub const NAME_MAX: usize = 255;
@@ -51,6 +55,17 @@ pub struct FsConfig {
     pub part_size: u64,
     /// Store requests in flight for one read or upload.
     pub concurrency: usize,
+    /// Changes applied to the store at once.
+    pub uploads_in_flight: usize,
+    /// How long after a close a file's upload waits (more writes may follow).
+    pub writeback_delay: Duration,
+    /// fsync returns once the data is on local disk (true) or in the store (false).
+    pub fsync_local: bool,
+    /// A file kept open and written is uploaded at least this often.
+    pub max_dirty_age: Duration,
+    /// Bytes of local disk the cache may use; clean data beyond it is evicted, and writers wait
+    /// for uploads when changed data fills it.
+    pub cache_size: u64,
 }
 
 impl Default for FsConfig {
@@ -64,6 +79,11 @@ impl Default for FsConfig {
             single_put_limit: 16 << 20,
             part_size: 8 << 20,
             concurrency: 8,
+            uploads_in_flight: 8,
+            writeback_delay: Duration::from_secs(2),
+            fsync_local: false,
+            max_dirty_age: Duration::from_secs(30),
+            cache_size: 10 << 30,
         }
     }
 }
@@ -110,6 +130,7 @@ pub struct Opened {
 /// The contents of one file while it is open or changed: a cache file and what it holds.
 #[derive(Debug)]
 pub struct FileData {
+    ino: u64,
     content: tokio::sync::Mutex<Content>,
     size: AtomicU64,
     opens: AtomicUsize,
@@ -122,13 +143,19 @@ struct Content {
     /// Valid bytes of the cache file (when dirty, all of `0..size`).
     present: RangeSet,
     /// The store version the clean bytes are from.
-    etag: Option<ETag>,
+    etag: Option<crate::store::ETag>,
     /// Bytes at or past this offset never come from the store (truncated, or written past).
     remote_limit: u64,
-    /// Changed locally and not yet uploaded.
+    /// Differs from the store (changed here and not yet uploaded).
     dirty: bool,
+    /// Counts changes; the upload of a snapshot cleans the file only if none came after it.
+    generation: u64,
+    /// The generation last recorded in the change log.
+    queued_generation: u64,
+    /// When the file first changed since its last upload was queued.
+    dirty_since: Option<Instant>,
     /// The version the kernel's page cache holds, from the last open.
-    kernel_cached: Option<ETag>,
+    kernel_cached: Option<crate::store::ETag>,
 }
 
 #[derive(Debug)]
@@ -159,6 +186,18 @@ pub struct Filesystem {
     ns: Mutex<Namespace>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
+    journal: Arc<Mutex<Journal>>,
+    /// Open or changed files by cache file name; the uploader snapshots through these.
+    files: tokio::sync::Mutex<HashMap<String, Weak<FileData>>>,
+    /// A change was applied (or failed): waiters look again.
+    progress: Notify,
+    /// New work for the uploader.
+    wake: Notify,
+    status: Mutex<Status>,
+    /// Failed attempts per pending change, for backoff.
+    attempts: Mutex<HashMap<u64, u32>>,
+    /// Bytes of changed data not yet in the store (refreshed by the uploader).
+    dirty_bytes: AtomicU64,
 }
 
 fn check_name(name: &OsStr) -> FsResult<String> {
@@ -173,7 +212,7 @@ fn check_name(name: &OsStr) -> FsResult<String> {
     Ok(text.to_string())
 }
 
-/// Runs blocking file work off the async workers.
+/// Runs blocking file or SQLite work off the async workers.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> FsResult<T> + Send + 'static,
 ) -> FsResult<T> {
@@ -195,22 +234,39 @@ fn read_at(file: &File, range: Range<u64>) -> FsResult<Vec<u8>> {
     Ok(buf)
 }
 
+/// Whether an error means the store cannot be reached right now (so local answers may do).
+fn unreachable(err: &FsError) -> bool {
+    matches!(err, FsError::Store(e) if e.kind().is_retryable())
+}
+
 impl Filesystem {
-    pub fn new(store: SharedStore, cache: Cache, config: FsConfig) -> Self {
+    /// A filesystem over `store`, with its cache and change log in `cache`. Changes recorded by
+    /// an earlier run (a crash) are picked up; [`Filesystem::start_uploader`] applies them.
+    pub fn new(store: SharedStore, cache: Cache, config: FsConfig) -> FsResult<Self> {
+        let journal = Journal::open(&cache.dir().join("journal.db"))?;
         let root_attrs = Attrs {
             mode: S_IFDIR | config.defaults.dir_mode,
             uid: config.defaults.uid,
             gid: config.defaults.gid,
             mtime: SystemTime::now(),
         };
-        Self {
+        let fs = Self {
             store,
             cache,
             config,
             ns: Mutex::new(Namespace::new(root_attrs)),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
-        }
+            journal: Arc::new(Mutex::new(journal)),
+            files: tokio::sync::Mutex::new(HashMap::new()),
+            progress: Notify::new(),
+            wake: Notify::new(),
+            status: Mutex::new(Status::default()),
+            attempts: Mutex::new(HashMap::new()),
+            dirty_bytes: AtomicU64::new(0),
+        };
+        fs.remove_orphaned_cache_files()?;
+        Ok(fs)
     }
 
     pub fn config(&self) -> &FsConfig {
@@ -223,6 +279,41 @@ impl Filesystem {
 
     fn handles(&self) -> MutexGuard<'_, HashMap<u64, Handle>> {
         self.handles.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The change log's in-memory side (no disk I/O while held).
+    fn journal(&self) -> MutexGuard<'_, Journal> {
+        self.journal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs a change-log update (which writes SQLite) off the async workers.
+    async fn log<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Journal) -> FsResult<T> + Send + 'static,
+    ) -> FsResult<T> {
+        let journal = Arc::clone(&self.journal);
+        let result =
+            blocking(move || work(&mut journal.lock().unwrap_or_else(|p| p.into_inner()))).await;
+        self.wake.notify_one();
+        result
+    }
+
+    /// Records a change of `key`, due after the write-back delay (or now).
+    async fn record(
+        &self,
+        key: &str,
+        change: Change,
+        store_has: bool,
+        delayed: bool,
+    ) -> FsResult<Option<u64>> {
+        let due = if delayed {
+            SystemTime::now() + self.config.writeback_delay
+        } else {
+            SystemTime::now()
+        };
+        let key = key.to_string();
+        self.log(move |j| j.record(&key, change, store_has, due))
+            .await
     }
 
     fn writable(&self) -> FsResult<()> {
@@ -313,7 +404,7 @@ impl Filesystem {
             let inode = ns.get_mut(ino).expect("a child is a live inode");
             if inode.file.is_some() {
                 // Open or changed here: the local state wins.
-                inode.checked = std::time::Instant::now();
+                inode.checked = Instant::now();
                 return ino;
             }
         }
@@ -352,7 +443,24 @@ impl Filesystem {
         }
     }
 
-    /// Finds `name` in `parent`, asking the store when what the mount knows is stale.
+    /// The size a pending change gives its key.
+    async fn pending_size(&self, change: &Change) -> u64 {
+        match change {
+            Change::PutFile { cache_file, .. } => {
+                let path = self.cache.path_of(cache_file);
+                blocking(move || Ok(std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)))
+                    .await
+                    .unwrap_or(0)
+            }
+            Change::Copy { size, .. } => *size,
+            Change::PutSymlink { target, .. } => target.len() as u64,
+            _ => 0,
+        }
+    }
+
+    /// Finds `name` in `parent`: from what the mount knows while it is fresh, else from the
+    /// change log, else from the store. With the store unreachable, what the mount knows
+    /// (even stale) answers.
     async fn resolve(&self, parent: u64, name: &str) -> FsResult<Option<u64>> {
         let key = {
             let ns = self.ns();
@@ -366,10 +474,78 @@ impl Filesystem {
             }
             key
         };
-        let found = self.probe(&key).await?;
+        let pending = self.journal().latest(&key).map(|e| e.change.clone());
+        match &pending {
+            Some(Change::Delete | Change::DeleteDir) => {
+                let mut ns = self.ns();
+                if let Some(ino) = ns.child(parent, name) {
+                    ns.detach(ino);
+                }
+                ns.mark_absent(parent, name);
+                return Ok(None);
+            }
+            Some(
+                change @ (Change::PutFile { .. }
+                | Change::PutDir { .. }
+                | Change::PutSymlink { .. }
+                | Change::Copy { .. }),
+            ) => {
+                let (_, attrs) = change.outcome().expect("puts have an outcome");
+                let size = self.pending_size(change).await;
+                let remote = match change {
+                    Change::Copy { etag, size, .. } => Some(Remote {
+                        etag: crate::store::ETag(etag.clone()),
+                        size: *size,
+                    }),
+                    _ => None,
+                };
+                let mut ns = self.ns();
+                let ino = match ns.child(parent, name) {
+                    Some(ino)
+                        if ns
+                            .get(ino)
+                            .is_some_and(|i| i.file.is_some() && i.kind() == attrs.kind()) =>
+                    {
+                        if let Some(inode) = ns.get_mut(ino) {
+                            inode.checked = Instant::now();
+                        }
+                        ino
+                    }
+                    _ => ns.upsert(parent, name, attrs, size, remote),
+                };
+                if let (Change::PutSymlink { target, .. }, Some(inode)) = (change, ns.get_mut(ino))
+                {
+                    inode.target = Some(target.clone());
+                }
+                return Ok(Some(ino));
+            }
+            _ => {}
+        }
+        let found = match self.probe(&key).await {
+            Ok(found) => found,
+            Err(err) if unreachable(&err) => {
+                let ns = self.ns();
+                if let Some(ino) = ns.child(parent, name) {
+                    return Ok(Some(ino));
+                }
+                if ns.get(parent).is_some_and(|p| p.listed) {
+                    return Ok(None);
+                }
+                return Err(err);
+            }
+            Err(err) => return Err(err),
+        };
         let mut ns = self.ns();
         match found {
-            Some(found) => Ok(Some(self.install(&mut ns, parent, name, found))),
+            Some(found) => {
+                let ino = self.install(&mut ns, parent, name, found);
+                if let (Some(Change::SetAttrs { attrs, .. }), Some(inode)) =
+                    (&pending, ns.get_mut(ino))
+                {
+                    inode.attrs = (*attrs).into();
+                }
+                Ok(Some(ino))
+            }
             None => {
                 if let Some(ino) = ns.child(parent, name) {
                     if ns.get(ino).is_some_and(|i| i.file.is_some()) {
@@ -446,54 +622,54 @@ impl Filesystem {
             inode.ctime = SystemTime::now();
         }
         if attrs_changed || changes.size.is_some() {
-            self.persist_attrs(ino, kind).await?;
+            self.persist_attrs(ino, kind, changes.size.is_some())
+                .await?;
         }
         self.attr(ino)
     }
 
-    /// Brings the store up to date with an inode's attributes (and a file's changed contents,
-    /// when no one has it open to upload it at close).
-    async fn persist_attrs(&self, ino: u64, kind: Kind) -> FsResult<()> {
-        let (key, attrs, data) = {
+    /// Records an inode's new attributes (and, for a file truncated while no one has it open,
+    /// its new contents) in the change log.
+    async fn persist_attrs(&self, ino: u64, kind: Kind, resized: bool) -> FsResult<()> {
+        let (key, attrs, data, in_store) = {
             let ns = self.ns();
-            if !ns.attached(ino) {
-                return Ok(());
+            if !ns.attached(ino) || ino == ROOT {
+                return Ok(()); // The root has no object of its own.
             }
             let inode = ns.get(ino).ok_or(FsError::NotFound)?;
             (
                 ns.key(ino).unwrap_or_default(),
                 inode.attrs,
                 inode.file.clone(),
+                inode.remote.is_some(),
             )
         };
-        if ino == ROOT {
-            return Ok(()); // The root has no object of its own.
+        if let Some(data) = &data
+            && resized
+            && data.opens.load(Ordering::Acquire) == 0
+        {
+            self.queue_upload(data, true).await?;
+            return Ok(());
         }
-        if let Some(data) = data {
-            let dirty = data.content.lock().await.dirty;
-            if dirty {
-                return if data.opens.load(Ordering::Acquire) == 0 {
-                    self.upload(ino).await
-                } else {
-                    Ok(()) // Uploaded, with the new attributes, at flush or close.
-                };
-            }
+        let stored = StoredAttrs::from(attrs);
+        let update_key = key.clone();
+        if self
+            .log(move |j| j.update_attrs(&update_key, stored))
+            .await?
+        {
+            return Ok(());
         }
-        let remote = match kind {
-            Kind::Dir => {
-                let marker = format!("{key}/");
-                let options = PutOptions::with_metadata(attrs.encode());
-                self.store.put(&marker, Bytes::new(), options).await?
-            }
-            Kind::File | Kind::Symlink => self.store.copy(&key, &key, Some(attrs.encode())).await?,
+        if let Some(data) = &data
+            && data.content.lock().await.dirty
+        {
+            // Goes with the contents when the file is closed.
+            return Ok(());
+        }
+        let change = Change::SetAttrs {
+            kind: kind.into(),
+            attrs: stored,
         };
-        if let Some(inode) = self.ns().get_mut(ino) {
-            let size = inode.size;
-            inode.remote = Some(Remote {
-                etag: remote.etag,
-                size,
-            });
-        }
+        self.record(&key, change, in_store, true).await?;
         Ok(())
     }
 
@@ -509,7 +685,12 @@ impl Filesystem {
             }
             ns.key(ino).ok_or(FsError::NotFound)?
         };
-        let (_, body) = self.store.get_all(&key).await?;
+        if let Some(Change::PutSymlink { target, .. }) =
+            self.journal().latest(&key).map(|e| &e.change)
+        {
+            return Ok(target.clone());
+        }
+        let (_, body) = self.store.get_all(&self.fetch_key(&key)).await?;
         let target = String::from_utf8(body.to_vec())
             .map_err(|_| FsError::Invalid("the link target is not UTF-8".into()))?;
         if let Some(inode) = self.ns().get_mut(ino) {
@@ -550,20 +731,19 @@ impl Filesystem {
         let name = check_name(name)?;
         let key = self.vacant(parent, &name).await?;
         let attrs = Self::new_attrs(Kind::Dir, mode, umask, uid, gid);
-        let marker = format!("{key}/");
-        let put = self
-            .store
-            .put(
-                &marker,
-                Bytes::new(),
-                PutOptions::with_metadata(attrs.encode()),
-            )
-            .await?;
-        let remote = Remote {
-            etag: put.etag,
-            size: 0,
-        };
-        let ino = self.ns().upsert(parent, &name, attrs, 0, Some(remote));
+        self.record(
+            &key,
+            Change::PutDir {
+                attrs: attrs.into(),
+            },
+            false,
+            true,
+        )
+        .await?;
+        let ino = self.ns().upsert(parent, &name, attrs, 0, None);
+        if let Some(inode) = self.ns().get_mut(ino) {
+            inode.listed = true; // New and empty: its listing is known.
+        }
         self.count_lookup(ino);
         self.attr(ino)
     }
@@ -583,22 +763,13 @@ impl Filesystem {
             .to_string();
         let key = self.vacant(parent, &name).await?;
         let attrs = Self::new_attrs(Kind::Symlink, 0o777, 0, uid, gid);
-        let body = Bytes::from(target.clone().into_bytes());
-        let put = self
-            .store
-            .put(&key, body, PutOptions::with_metadata(attrs.encode()))
-            .await?;
+        let change = Change::PutSymlink {
+            target: target.clone(),
+            attrs: attrs.into(),
+        };
+        self.record(&key, change, false, true).await?;
         let size = target.len() as u64;
-        let ino = self.ns().upsert(
-            parent,
-            &name,
-            attrs,
-            size,
-            Some(Remote {
-                etag: put.etag,
-                size,
-            }),
-        );
+        let ino = self.ns().upsert(parent, &name, attrs, size, None);
         if let Some(inode) = self.ns().get_mut(ino) {
             inode.target = Some(target);
         }
@@ -610,64 +781,127 @@ impl Filesystem {
         self.writable()?;
         let name = check_name(name)?;
         let ino = self.existing(parent, &name).await?;
-        let (key, data) = {
+        let (key, data, in_store) = {
             let ns = self.ns();
             let inode = ns.get(ino).ok_or(FsError::NotFound)?;
             if inode.kind() == Kind::Dir {
                 return Err(FsError::IsDir);
             }
-            (ns.key(ino).ok_or(FsError::NotFound)?, inode.file.clone())
+            (
+                ns.key(ino).ok_or(FsError::NotFound)?,
+                inode.file.clone(),
+                inode.remote.is_some(),
+            )
         };
-        if let Some(data) = &data {
-            // Still open somewhere: keep every byte locally before the object goes.
+        if let Some(data) = &data
+            && data.opens.load(Ordering::Acquire) > 0
+        {
+            // Still open somewhere: keep every byte locally, if the store can still give them.
             let mut content = data.content.lock().await;
             let size = data.size.load(Ordering::Acquire);
-            self.materialize(&key, &mut content, size).await?;
-            content.dirty = false;
+            let _ = self.materialize(&key, &mut content, size).await;
             content.remote_limit = 0;
         }
-        self.store.delete(&key).await?;
+        self.record(&key, Change::Delete, in_store, false).await?;
         self.ns().detach(ino);
+        let referenced = self.referenced_cache_files();
         let cache = self.cache.clone();
-        let keep_file = data.is_some();
-        blocking(move || {
-            if keep_file {
-                cache.forget(&key)
-            } else {
-                cache.remove(&key)
-            }
+        let keep = data
+            .as_ref()
+            .is_some_and(|d| d.opens.load(Ordering::Acquire) > 0);
+        blocking(move || match cache.lookup(&key)? {
+            Some(cached) if !keep && !referenced.contains(&cached.file) => cache.remove(&key),
+            _ => cache.forget(&key),
         })
-        .await
-    }
-
-    /// Fails with ENOTEMPTY if the directory at `key` holds anything but its marker.
-    async fn ensure_empty(&self, key: &str) -> FsResult<()> {
-        let prefix = format!("{key}/");
-        let two = ListOptions {
-            delimited: false,
-            continuation: None,
-            max_keys: Some(2),
-        };
-        let listed = self.store.list(&prefix, two).await?;
-        if listed.objects.iter().any(|o| o.key != prefix) {
-            return Err(FsError::NotEmpty);
+        .await?;
+        if let Some(data) = data
+            && !keep
+        {
+            self.drop_cache_file_if_unused(&data).await;
         }
         Ok(())
+    }
+
+    /// The names, and kinds, of a directory's entries as this mount sees them: the store's
+    /// listing with the pending changes applied. With the store unreachable, the last listing
+    /// this mount made (if any) stands in for it.
+    async fn entries_of(&self, ino: u64) -> FsResult<HashMap<String, Kind>> {
+        let (prefix, listed_before) = {
+            let ns = self.ns();
+            let inode = ns.get(ino).ok_or(FsError::NotFound)?;
+            if inode.kind() != Kind::Dir {
+                return Err(FsError::NotDir);
+            }
+            (ns.dir_prefix(ino).ok_or(FsError::NotFound)?, inode.listed)
+        };
+        let mut names: HashMap<String, Kind> = HashMap::new();
+        match self.store.list_all(&prefix, true).await {
+            Ok(listed) => {
+                for prefix_entry in &listed.prefixes {
+                    let name = prefix_entry[prefix.len()..].trim_end_matches('/');
+                    if check_name(OsStr::new(name)).is_ok() {
+                        names.insert(name.to_string(), Kind::Dir);
+                    }
+                }
+                for object in &listed.objects {
+                    let name = &object.key[prefix.len()..];
+                    if check_name(OsStr::new(name)).is_ok() {
+                        // A name that is both a file and a directory shows as the directory.
+                        names.entry(name.to_string()).or_insert(Kind::File);
+                    }
+                }
+            }
+            Err(err) if listed_before && unreachable(&FsError::Store(err.clone())) => {
+                let ns = self.ns();
+                for (name, child) in ns.children(ino) {
+                    if let Some(inode) = ns.get(child) {
+                        names.insert(name.clone(), inode.kind());
+                    }
+                }
+            }
+            Err(err) => return Err(err.into()),
+        }
+        for entry in self.journal().children(&prefix) {
+            let name = entry.key[prefix.len()..].to_string();
+            match entry.change.outcome() {
+                Some((kind, _)) => {
+                    names.insert(name, kind);
+                }
+                None => {
+                    names.remove(&name);
+                }
+            }
+        }
+        // Names this mount holds open or changed stay, whatever the listing says.
+        let ns = self.ns();
+        for (name, child) in ns.children(ino) {
+            if let Some(inode) = ns.get(child).filter(|c| c.file.is_some()) {
+                names.entry(name.clone()).or_insert(inode.kind());
+            }
+        }
+        Ok(names)
     }
 
     pub async fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
         self.writable()?;
         let name = check_name(name)?;
         let ino = self.existing(parent, &name).await?;
-        let key = {
+        let (key, in_store) = {
             let ns = self.ns();
-            if ns.get(ino).ok_or(FsError::NotFound)?.kind() != Kind::Dir {
+            let inode = ns.get(ino).ok_or(FsError::NotFound)?;
+            if inode.kind() != Kind::Dir {
                 return Err(FsError::NotDir);
             }
-            ns.key(ino).ok_or(FsError::NotFound)?
+            (
+                ns.key(ino).ok_or(FsError::NotFound)?,
+                inode.remote.is_some(),
+            )
         };
-        self.ensure_empty(&key).await?;
-        self.store.delete(&format!("{key}/")).await?;
+        if !self.entries_of(ino).await?.is_empty() {
+            return Err(FsError::NotEmpty);
+        }
+        self.record(&key, Change::DeleteDir, in_store, false)
+            .await?;
         self.ns().detach(ino);
         Ok(())
     }
@@ -687,7 +921,7 @@ impl Filesystem {
         if target == Some(source) {
             return Ok(());
         }
-        let (source_kind, source_key, target_key, data) = {
+        let (source_kind, source_key, target_key) = {
             let ns = self.ns();
             let inode = ns.get(source).ok_or(FsError::NotFound)?;
             let target_key = Self::child_key(&ns, new_parent, &new_name)?;
@@ -695,20 +929,24 @@ impl Filesystem {
                 inode.kind(),
                 ns.key(source).ok_or(FsError::NotFound)?,
                 target_key,
-                inode.file.clone(),
             )
         };
+        let mut target_in_store = false;
         if let Some(target) = target {
             if no_replace {
                 return Err(FsError::Exists);
             }
             let target_kind = self.attr(target)?.kind;
             match (source_kind, target_kind) {
-                (Kind::Dir, Kind::Dir) => self.ensure_empty(&target_key).await?,
+                (Kind::Dir, Kind::Dir) if !self.entries_of(target).await?.is_empty() => {
+                    return Err(FsError::NotEmpty);
+                }
+                (Kind::Dir, Kind::Dir) => {}
                 (Kind::Dir, _) => return Err(FsError::NotDir),
                 (_, Kind::Dir) => return Err(FsError::IsDir),
                 _ => {}
             }
+            target_in_store = self.ns().get(target).is_some_and(|t| t.remote.is_some());
         }
         if source_kind == Kind::Dir {
             if target_key.starts_with(&format!("{source_key}/")) {
@@ -716,24 +954,109 @@ impl Filesystem {
                     "cannot move a directory into itself".into(),
                 ));
             }
+            // Directories move in the store, after everything before them is there.
+            self.drain(Some(Duration::from_secs(60))).await?;
             self.rename_dir(&source_key, &target_key).await?;
             self.ns().move_to(source, new_parent, &new_name);
             let cache = self.cache.clone();
             let (from, to) = (format!("{source_key}/"), format!("{target_key}/"));
             blocking(move || cache.rename(&from, &to, true)).await?;
-        } else {
-            // Hold the file's contents still while its object moves.
-            let _held = match &data {
-                Some(data) => Some(data.content.lock().await),
-                None => None,
-            };
-            self.store.copy(&source_key, &target_key, None).await?;
-            self.store.delete(&source_key).await?;
-            self.ns().move_to(source, new_parent, &new_name);
-            let cache = self.cache.clone();
-            blocking(move || cache.rename(&source_key, &target_key, false)).await?;
+            return Ok(());
         }
+        let moved = self.moved_version(source, &source_key).await?;
+        let source_in_store = self.ns().get(source).is_some_and(|s| s.remote.is_some());
+        let (from_key, to_key) = (source_key.clone(), target_key.clone());
+        self.log(move |j| {
+            if matches!(moved, Change::Copy { .. }) {
+                // The copy must come before the delete of its source: take the source's
+                // waiting change (its attributes are in the copy) out of the way.
+                j.discard(&from_key)?;
+            }
+            j.record(&to_key, moved, target_in_store, SystemTime::now())?;
+            j.record(
+                &from_key,
+                Change::Delete,
+                source_in_store,
+                SystemTime::now(),
+            )?;
+            Ok(())
+        })
+        .await?;
+        self.ns().move_to(source, new_parent, &new_name);
+        if let Some(inode) = self.ns().get_mut(source) {
+            inode.ctime = SystemTime::now();
+        }
+        let cache = self.cache.clone();
+        blocking(move || cache.rename(&source_key, &target_key, false)).await?;
         Ok(())
+    }
+
+    /// What a renamed file becomes at its new key: its local version (contents in a cache file,
+    /// or a symlink), or a copy of its object in the store.
+    async fn moved_version(&self, ino: u64, key: &str) -> FsResult<Change> {
+        let (attrs, remote, data, target) = {
+            let ns = self.ns();
+            let inode = ns.get(ino).ok_or(FsError::NotFound)?;
+            (
+                inode.attrs,
+                inode.remote.clone(),
+                inode.file.clone(),
+                inode.target.clone(),
+            )
+        };
+        let stored = StoredAttrs::from(attrs);
+        let pending = self.journal().latest(key).map(|e| e.change.clone());
+        match pending {
+            Some(Change::PutFile { cache_file, .. }) => {
+                return Ok(Change::PutFile {
+                    cache_file,
+                    attrs: stored,
+                });
+            }
+            Some(Change::PutSymlink { target, .. }) => {
+                return Ok(Change::PutSymlink {
+                    target,
+                    attrs: stored,
+                });
+            }
+            Some(Change::Copy {
+                from, etag, size, ..
+            }) => {
+                return Ok(Change::Copy {
+                    from,
+                    etag,
+                    size,
+                    attrs: stored,
+                });
+            }
+            _ => {}
+        }
+        if let Some(data) = data {
+            let content = data.content.lock().await;
+            if content.dirty {
+                return Ok(Change::PutFile {
+                    cache_file: content.cache_name.clone(),
+                    attrs: stored,
+                });
+            }
+        }
+        if attrs.kind() == Kind::Symlink {
+            let target = match target {
+                Some(target) => target,
+                None => self.readlink(ino).await?,
+            };
+            return Ok(Change::PutSymlink {
+                target,
+                attrs: stored,
+            });
+        }
+        let remote = remote.ok_or(FsError::NotFound)?;
+        Ok(Change::Copy {
+            from: key.to_string(),
+            etag: remote.etag.0,
+            size: remote.size,
+            attrs: stored,
+        })
     }
 
     /// Copies every object under `from/` to `to/`, then deletes the originals. Not atomic: a
@@ -770,39 +1093,7 @@ impl Filesystem {
 
     /// Lists a directory once, at open; reads of the handle page through that listing.
     pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
-        let prefix = {
-            let ns = self.ns();
-            if ns.get(ino).ok_or(FsError::NotFound)?.kind() != Kind::Dir {
-                return Err(FsError::NotDir);
-            }
-            ns.dir_prefix(ino).ok_or(FsError::NotFound)?
-        };
-        let listed = self.store.list_all(&prefix, true).await?;
-        let mut names: HashMap<String, Kind> = HashMap::new();
-        for prefix_entry in &listed.prefixes {
-            let name = prefix_entry[prefix.len()..].trim_end_matches('/');
-            if check_name(OsStr::new(name)).is_ok() {
-                names.insert(name.to_string(), Kind::Dir);
-            }
-        }
-        for object in &listed.objects {
-            let name = &object.key[prefix.len()..];
-            if check_name(OsStr::new(name)).is_ok() {
-                // A name that is both a file and a directory shows as the directory.
-                names.entry(name.to_string()).or_insert(Kind::File);
-            }
-        }
-        // Names this mount holds open or changed stay, whatever the listing says.
-        let busy: Vec<String> = {
-            let ns = self.ns();
-            ns.children(ino)
-                .filter(|(_, child)| ns.get(*child).is_some_and(|c| c.file.is_some()))
-                .map(|(name, _)| name.clone())
-                .collect()
-        };
-        for name in busy {
-            names.entry(name).or_insert(Kind::File);
-        }
+        let names = self.entries_of(ino).await?;
         let mut entries: Vec<DirEntry> = stream::iter(names)
             .map(|(name, _)| async move {
                 match self.resolve(ino, &name).await {
@@ -816,8 +1107,8 @@ impl Filesystem {
             .try_collect()
             .await?;
         entries.sort_by(|a, b| a.name.cmp(&b.name));
-        // Forget children that are no longer there.
         {
+            // Forget children that are no longer there; the listing is now complete.
             let mut ns = self.ns();
             let listed: std::collections::HashSet<&str> =
                 entries.iter().map(|e| e.name.as_str()).collect();
@@ -828,6 +1119,9 @@ impl Filesystem {
                 .collect();
             for child in gone {
                 ns.detach(child);
+            }
+            if let Some(inode) = ns.get_mut(ino) {
+                inode.listed = true;
             }
         }
         let own = self.attr(ino)?;
@@ -889,8 +1183,19 @@ impl Filesystem {
 
     // ----- files -----
 
-    /// The open state of a file's contents, set up from the cache index on first use.
+    /// The key to read a file's store version from: its own, or while a rename is pending, the
+    /// key it was copied from.
+    fn fetch_key(&self, key: &str) -> String {
+        match self.journal().latest(key).map(|e| &e.change) {
+            Some(Change::Copy { from, .. }) => from.clone(),
+            _ => key.to_string(),
+        }
+    }
+
+    /// The open state of a file's contents: from a pending change's cache file, or from the
+    /// cache index, on first use.
     async fn file_data(&self, ino: u64) -> FsResult<Arc<FileData>> {
+        let mut registry = self.files.lock().await;
         let (key, remote, size) = {
             let ns = self.ns();
             let inode = ns.get(ino).ok_or(FsError::NotFound)?;
@@ -910,41 +1215,110 @@ impl Filesystem {
                 inode.size,
             )
         };
-        let cache = self.cache.clone();
-        let remote_etag = remote.as_ref().map(|r| r.etag.clone());
-        let (cache_name, file, present) = blocking(move || match cache.lookup(&key)? {
-            Some(cached) if Some(&cached.etag) == remote_etag.as_ref() => {
-                let file = cache.open_file(&cached.file)?;
-                let mut present = cached.present;
-                present.truncate(size);
-                Ok((cached.file, file, present))
+        let pending_file = match self.journal().latest(&key).map(|e| &e.change) {
+            Some(Change::PutFile { cache_file, .. }) => Some(cache_file.clone()),
+            _ => None,
+        };
+        let (content, size) = match pending_file {
+            Some(cache_name) => {
+                let cache = self.cache.clone();
+                let name = cache_name.clone();
+                let (file, length) = blocking(move || {
+                    let file = cache.open_file(&name)?;
+                    let length = file.metadata()?.len();
+                    Ok((file, length))
+                })
+                .await?;
+                let content = Content {
+                    cache_name,
+                    file: Arc::new(file),
+                    present: RangeSet::full(length),
+                    etag: None,
+                    remote_limit: 0,
+                    dirty: true,
+                    generation: 0,
+                    queued_generation: 0,
+                    dirty_since: None,
+                    kernel_cached: None,
+                };
+                (content, length)
             }
-            stale => {
-                if let Some(stale) = stale {
-                    cache.forget(&key)?;
-                    cache.discard_file(&stale.file);
-                }
-                let (name, file) = cache.new_file()?;
-                Ok((name, file, RangeSet::default()))
+            None => {
+                let cache = self.cache.clone();
+                let remote_etag = remote.as_ref().map(|r| r.etag.clone());
+                let (cache_name, file, present) = blocking(move || match cache.lookup(&key)? {
+                    Some(cached) if Some(&cached.etag) == remote_etag.as_ref() => {
+                        let file = cache.open_file(&cached.file)?;
+                        let mut present = cached.present;
+                        present.truncate(size);
+                        cache.touch(&cached.file)?;
+                        Ok((cached.file, file, present))
+                    }
+                    stale => {
+                        if let Some(stale) = stale {
+                            cache.forget(&key)?;
+                            cache.discard_file(&stale.file);
+                        }
+                        let (name, file) = cache.new_file()?;
+                        Ok((name, file, RangeSet::default()))
+                    }
+                })
+                .await?;
+                let content = Content {
+                    cache_name,
+                    file: Arc::new(file),
+                    present,
+                    etag: remote.as_ref().map(|r| r.etag.clone()),
+                    remote_limit: remote.as_ref().map_or(0, |r| r.size.min(size)),
+                    dirty: remote.is_none(),
+                    generation: 0,
+                    queued_generation: 0,
+                    dirty_since: None,
+                    kernel_cached: None,
+                };
+                (content, size)
             }
-        })
-        .await?;
+        };
+        let name = content.cache_name.clone();
         let data = Arc::new(FileData {
-            content: tokio::sync::Mutex::new(Content {
-                cache_name,
-                file: Arc::new(file),
-                present,
-                etag: remote.as_ref().map(|r| r.etag.clone()),
-                remote_limit: remote.as_ref().map_or(0, |r| r.size.min(size)),
-                dirty: false,
-                kernel_cached: None,
-            }),
+            ino,
+            content: tokio::sync::Mutex::new(content),
             size: AtomicU64::new(size),
             opens: AtomicUsize::new(0),
         });
+        registry.insert(name, Arc::downgrade(&data));
         let mut ns = self.ns();
         let inode = ns.get_mut(ino).ok_or(FsError::NotFound)?;
         Ok(Arc::clone(inode.file.get_or_insert(data)))
+    }
+
+    /// A new file's contents: an empty cache file, changed from the start.
+    async fn new_file_data(&self, ino: u64) -> FsResult<Arc<FileData>> {
+        let mut registry = self.files.lock().await;
+        let cache = self.cache.clone();
+        let (name, file) = blocking(move || cache.new_file()).await?;
+        let data = Arc::new(FileData {
+            ino,
+            content: tokio::sync::Mutex::new(Content {
+                cache_name: name.clone(),
+                file: Arc::new(file),
+                present: RangeSet::default(),
+                etag: None,
+                remote_limit: 0,
+                dirty: true,
+                generation: 0,
+                queued_generation: 0,
+                dirty_since: None,
+                kernel_cached: None,
+            }),
+            size: AtomicU64::new(0),
+            opens: AtomicUsize::new(0),
+        });
+        registry.insert(name, Arc::downgrade(&data));
+        if let Some(inode) = self.ns().get_mut(ino) {
+            inode.file = Some(Arc::clone(&data));
+        }
+        Ok(data)
     }
 
     fn new_handle(&self, ino: u64) -> u64 {
@@ -1008,33 +1382,19 @@ impl Filesystem {
         }
         let key = Self::child_key(&self.ns(), parent, &name)?;
         let attrs = Self::new_attrs(Kind::File, mode, umask, uid, gid);
-        let options = PutOptions {
-            metadata: attrs.encode(),
-            condition: if flags & libc::O_EXCL != 0 {
-                PutCondition::IfAbsent
-            } else {
-                PutCondition::Always
-            },
-        };
-        let put = self
-            .store
-            .put(&key, Bytes::new(), options)
-            .await
-            .map_err(|e| {
-                if e.kind() == ErrorKind::PreconditionFailed {
-                    FsError::Exists
-                } else {
-                    FsError::Store(e)
-                }
-            })?;
-        let remote = Remote {
-            etag: put.etag,
-            size: 0,
-        };
-        let ino = self.ns().upsert(parent, &name, attrs, 0, Some(remote));
-        self.count_lookup(ino);
-        let data = self.file_data(ino).await?;
+        let ino = self.ns().upsert(parent, &name, attrs, 0, None);
+        let data = self.new_file_data(ino).await?;
         data.opens.fetch_add(1, Ordering::AcqRel);
+        let cache_file = data.content.lock().await.cache_name.clone();
+        let change = Change::PutFile {
+            cache_file,
+            attrs: attrs.into(),
+        };
+        if let Err(err) = self.record(&key, change, false, true).await {
+            self.ns().detach(ino);
+            return Err(err);
+        }
+        self.count_lookup(ino);
         let fh = self.new_handle(ino);
         Ok((
             self.attr(ino)?,
@@ -1082,7 +1442,7 @@ impl Filesystem {
         window: u64,
     ) -> FsResult<()> {
         let limit = content.remote_limit;
-        if want.start >= limit || content.dirty {
+        if want.start >= limit {
             return Ok(());
         }
         let want_end = want.end.min(limit);
@@ -1109,15 +1469,16 @@ impl Filesystem {
             .collect();
         let etag = content.etag.clone();
         let file = Arc::clone(&content.file);
+        let source = self.fetch_key(key);
         let fetched: Vec<Range<u64>> = stream::iter(pieces)
             .map(|piece| {
-                let (etag, file) = (etag.clone(), Arc::clone(&file));
+                let (etag, file, source) = (etag.clone(), Arc::clone(&file), source.clone());
                 async move {
                     let options = GetOptions {
                         range: Some(piece.clone()),
                         if_match: etag,
                     };
-                    let got = self.store.get(key, options).await?;
+                    let got = self.store.get(&source, options).await?;
                     let range = got.range.clone();
                     blocking(move || {
                         file.write_all_at(&got.body, range.start)?;
@@ -1132,7 +1493,9 @@ impl Filesystem {
         for range in fetched {
             content.present.insert(range);
         }
-        if let Some(etag) = &content.etag {
+        if let Some(etag) = &content.etag
+            && !content.dirty
+        {
             let (cache, key, name, etag, present) = (
                 self.cache.clone(),
                 key.to_string(),
@@ -1155,10 +1518,13 @@ impl Filesystem {
         if !content.dirty {
             self.materialize(key, content, size).await?;
             content.dirty = true;
+            content.remote_limit = 0;
             content.present = RangeSet::full(size);
             let (cache, key) = (self.cache.clone(), key.to_string());
             blocking(move || cache.forget(&key)).await?;
         }
+        content.generation += 1;
+        content.dirty_since.get_or_insert_with(Instant::now);
         Ok(())
     }
 
@@ -1192,7 +1558,7 @@ impl Filesystem {
     /// Drops cached contents of a clean file and takes the store's current version.
     async fn refresh(&self, ino: u64, data: &FileData) -> FsResult<()> {
         let key = self.key_of(ino)?;
-        let info = self.store.head(&key).await?;
+        let info = self.store.head(&self.fetch_key(&key)).await?;
         let mut content = data.content.lock().await;
         if content.dirty {
             return Ok(());
@@ -1214,6 +1580,7 @@ impl Filesystem {
     pub async fn write(&self, fh: u64, offset: u64, bytes: &[u8]) -> FsResult<u32> {
         self.writable()?;
         let ino = self.handle_ino(fh)?;
+        self.wait_for_room().await;
         let data = self.file_data(ino).await?;
         let key = self.key_of(ino).unwrap_or_default();
         let mut content = data.content.lock().await;
@@ -1243,9 +1610,6 @@ impl Filesystem {
         let key = self.key_of(ino).unwrap_or_default();
         let mut content = data.content.lock().await;
         let size = data.size.load(Ordering::Acquire);
-        if new_size == size && content.dirty {
-            return Ok(());
-        }
         // Only the bytes that survive need fetching.
         content.remote_limit = content.remote_limit.min(new_size);
         self.make_dirty(&key, &mut content, new_size.min(size))
@@ -1264,162 +1628,128 @@ impl Filesystem {
         Ok(())
     }
 
-    /// Uploads a changed file as a whole new version, under its lock (writers wait).
-    async fn upload(&self, ino: u64) -> FsResult<()> {
+    /// Records a changed file's contents in the change log (unless already recorded), due after
+    /// the write-back delay or now. Returns the change's sequence number, if one is pending.
+    async fn queue_upload(&self, data: &FileData, delayed: bool) -> FsResult<Option<u64>> {
+        let mut content = data.content.lock().await;
+        let (key, attrs, in_store) = {
+            let ns = self.ns();
+            if !ns.attached(data.ino) {
+                return Ok(None); // Unlinked: nothing to upload.
+            }
+            let inode = ns.get(data.ino).ok_or(FsError::NotFound)?;
+            (
+                ns.key(data.ino).ok_or(FsError::NotFound)?,
+                inode.attrs,
+                inode.remote.is_some(),
+            )
+        };
+        let recorded = content.queued_generation == content.generation
+            && self.journal().latest(&key).is_some();
+        if !content.dirty || recorded {
+            if delayed {
+                return Ok(self.journal().latest(&key).map(|e| e.seq));
+            }
+            let hurried = key.clone();
+            return self.log(move |j| j.hurry(&hurried)).await;
+        }
+        let change = Change::PutFile {
+            cache_file: content.cache_name.clone(),
+            attrs: attrs.into(),
+        };
+        let seq = self.record(&key, change, in_store, delayed).await?;
+        content.queued_generation = content.generation;
+        content.dirty_since = None;
+        Ok(seq)
+    }
+
+    /// Close: the file's upload is scheduled after the write-back delay.
+    pub async fn flush(&self, fh: u64) -> FsResult<()> {
+        let ino = self.handle_ino(fh)?;
         let Some(data) = self.ns().get(ino).and_then(|i| i.file.clone()) else {
             return Ok(());
         };
-        let mut content = data.content.lock().await;
-        if !content.dirty {
-            return Ok(());
-        }
-        let (key, attrs) = {
-            let ns = self.ns();
-            if !ns.attached(ino) {
-                // Unlinked or replaced: there is nothing left in the store to update.
-                content.dirty = false;
-                return Ok(());
-            }
-            (
-                ns.key(ino).ok_or(FsError::NotFound)?,
-                ns.get(ino).map(|i| i.attrs),
-            )
-        };
-        let attrs = attrs.ok_or(FsError::NotFound)?;
-        let size = data.size.load(Ordering::Acquire);
-        let file = Arc::clone(&content.file);
-        let etag = self.put_file(&key, &file, size, attrs).await?;
-        content.dirty = false;
-        content.etag = Some(etag.clone());
-        content.remote_limit = size;
-        content.present = RangeSet::full(size);
-        content.kernel_cached = Some(etag.clone());
-        if let Some(inode) = self.ns().get_mut(ino) {
-            inode.size = size;
-            inode.remote = Some(Remote {
-                etag: etag.clone(),
-                size,
-            });
-            inode.checked = std::time::Instant::now();
-        }
-        let (cache, name, present) = (
-            self.cache.clone(),
-            content.cache_name.clone(),
-            content.present.clone(),
-        );
-        blocking(move || cache.record(&key, &name, &etag, &present)).await
+        self.queue_upload(&data, true).await?;
+        Ok(())
     }
 
-    /// Writes `size` bytes of `file` to `key`: one put, or a multipart upload with parts in
-    /// parallel for large files.
-    async fn put_file(
-        &self,
-        key: &str,
-        file: &Arc<File>,
-        size: u64,
-        attrs: Attrs,
-    ) -> FsResult<ETag> {
-        let metadata = attrs.encode();
-        if size <= self.config.single_put_limit {
-            let file = Arc::clone(file);
-            let body = blocking(move || read_at(&file, 0..size)).await?;
-            let put = self
-                .store
-                .put(key, Bytes::from(body), PutOptions::with_metadata(metadata))
-                .await?;
-            return Ok(put.etag);
-        }
-        let part_size = self.config.part_size;
-        let upload = self.store.start_multipart(key, metadata).await?;
-        let parts =
-            stream::iter((0..size.div_ceil(part_size)).map(|i| (i as u32 + 1, i * part_size)))
-                .map(|(number, start)| {
-                    let (file, upload) = (Arc::clone(file), &upload);
-                    async move {
-                        let range = start..(start + part_size).min(size);
-                        let body = blocking(move || read_at(&file, range)).await?;
-                        let part = self
-                            .store
-                            .upload_part(key, upload, number, Bytes::from(body))
-                            .await?;
-                        Ok::<_, FsError>(part)
-                    }
-                })
-                .buffered(self.config.concurrency)
-                .try_collect::<Vec<_>>()
-                .await;
-        let completed = match parts {
-            Ok(parts) => self
-                .store
-                .complete_multipart(key, &upload, parts, PutCondition::Always)
-                .await
-                .map_err(FsError::from),
-            Err(err) => Err(err),
-        };
-        match completed {
-            Ok(put) => Ok(put.etag),
-            Err(err) => {
-                let _ = self.store.abort_multipart(key, &upload).await;
-                Err(err)
-            }
-        }
-    }
-
-    pub async fn flush(&self, fh: u64) -> FsResult<()> {
-        let ino = self.handle_ino(fh)?;
-        self.upload(ino).await
-    }
-
+    /// fsync: returns once the file (and every change before it) is in the store, or with
+    /// `fsync_local`, once it is on local disk.
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {
-        self.flush(fh).await
+        let ino = self.handle_ino(fh)?;
+        let Some(data) = self.ns().get(ino).and_then(|i| i.file.clone()) else {
+            return Ok(());
+        };
+        if self.config.fsync_local {
+            self.queue_upload(&data, true).await?;
+            let file = Arc::clone(&data.content.lock().await.file);
+            blocking(move || Ok(file.sync_all()?)).await?;
+            return self.log(|j| j.sync()).await;
+        }
+        match self.queue_upload(&data, false).await? {
+            Some(seq) => self.wait_applied(seq).await,
+            None => Ok(()),
+        }
     }
 
     pub async fn release(&self, fh: u64) -> FsResult<()> {
         let ino = self.handle_ino(fh)?;
-        let uploaded = self.upload(ino).await;
         self.handles().remove(&fh);
         let data = self.ns().get(ino).and_then(|i| i.file.clone());
         if let Some(data) = data {
+            let queued = self.queue_upload(&data, true).await;
             let last = data.opens.fetch_sub(1, Ordering::AcqRel) == 1;
-            let clean = !data.content.lock().await.dirty;
-            if last && clean {
-                let mut ns = self.ns();
-                if let Some(inode) = ns.get_mut(ino)
-                    && data.opens.load(Ordering::Acquire) == 0
-                {
-                    inode.size = data.size.load(Ordering::Acquire);
-                    inode.file = None;
-                }
-                if !ns.attached(ino) {
-                    let name = data.content.try_lock().map(|c| c.cache_name.clone()).ok();
-                    drop(ns);
-                    if let Some(name) = name {
-                        self.cache.discard_file(&name);
-                    }
-                }
+            if last {
+                self.drop_if_clean(&data).await;
             }
+            queued?;
         }
-        uploaded
+        Ok(())
     }
 
-    /// Uploads every changed file (before an unmount).
-    pub async fn flush_all(&self) -> FsResult<()> {
-        let changed: Vec<u64> = {
-            let ns = self.ns();
-            let mut found = Vec::new();
-            let mut stack = vec![ROOT];
-            while let Some(at) = stack.pop() {
-                for (_, child) in ns.children(at) {
-                    stack.push(child);
-                    if ns.get(child).is_some_and(|c| c.file.is_some()) {
-                        found.push(child);
-                    }
-                }
+    /// Frees a file's in-memory state once no one has it open and it is in the store.
+    async fn drop_if_clean(&self, data: &Arc<FileData>) {
+        let clean = !data.content.lock().await.dirty;
+        if !clean || data.opens.load(Ordering::Acquire) > 0 {
+            return;
+        }
+        let mut ns = self.ns();
+        if let Some(inode) = ns.get_mut(data.ino)
+            && inode.file.as_ref().is_some_and(|f| Arc::ptr_eq(f, data))
+        {
+            inode.size = data.size.load(Ordering::Acquire);
+            inode.file = None;
+        }
+    }
+
+    /// Deletes a file's cache file once nothing needs it (unlinked, not open, not pending).
+    async fn drop_cache_file_if_unused(&self, data: &Arc<FileData>) {
+        let name = data.content.lock().await.cache_name.clone();
+        if !self.referenced_cache_files().contains(&name) {
+            self.cache.discard_file(&name);
+            self.files.lock().await.remove(&name);
+        }
+    }
+
+    /// Cache files that pending changes will upload.
+    fn referenced_cache_files(&self) -> std::collections::HashSet<String> {
+        self.journal()
+            .entries()
+            .filter_map(|e| match &e.change {
+                Change::PutFile { cache_file, .. } => Some(cache_file.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Removes cache files that neither the index nor a pending change names (left by a crash).
+    fn remove_orphaned_cache_files(&self) -> FsResult<()> {
+        let mut known = self.referenced_cache_files();
+        known.extend(self.cache.indexed_files()?);
+        for name in self.cache.all_files()? {
+            if !known.contains(&name) {
+                self.cache.discard_file(&name);
             }
-            found
-        };
-        for ino in changed {
-            self.upload(ino).await?;
         }
         Ok(())
     }

@@ -22,15 +22,26 @@ use crate::error::FsResult;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Change {
     /// Upload the contents of a cache file as the object, with these attributes.
-    PutFile { cache_file: String, attrs: StoredAttrs },
+    PutFile {
+        cache_file: String,
+        attrs: StoredAttrs,
+    },
     /// Put a directory's `dir/` marker.
     PutDir { attrs: StoredAttrs },
     /// Put a symlink object whose body is the target.
     PutSymlink { target: String, attrs: StoredAttrs },
     /// Copy another object (version `etag`, `size` bytes) here inside the store: a renamed file.
-    Copy { from: String, etag: String, size: u64, attrs: StoredAttrs },
+    Copy {
+        from: String,
+        etag: String,
+        size: u64,
+        attrs: StoredAttrs,
+    },
     /// Rewrite an object's (or a directory marker's) attributes.
-    SetAttrs { kind: StoredKind, attrs: StoredAttrs },
+    SetAttrs {
+        kind: StoredKind,
+        attrs: StoredAttrs,
+    },
     /// Delete the object.
     Delete,
     /// Delete the directory's marker.
@@ -52,7 +63,10 @@ impl From<Attrs> for StoredAttrs {
             mode: a.mode,
             uid: a.uid,
             gid: a.gid,
-            mtime_ns: a.mtime.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
+            mtime_ns: a
+                .mtime
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
         }
     }
 }
@@ -101,7 +115,9 @@ impl Change {
     /// What the key holds once this change applies: a kind and attributes, or nothing.
     pub fn outcome(&self) -> Option<(Kind, Attrs)> {
         match self {
-            Self::PutFile { attrs, .. } | Self::Copy { attrs, .. } => Some((Kind::File, (*attrs).into())),
+            Self::PutFile { attrs, .. } | Self::Copy { attrs, .. } => {
+                Some((Kind::File, (*attrs).into()))
+            }
             Self::PutDir { attrs } => Some((Kind::Dir, (*attrs).into())),
             Self::PutSymlink { attrs, .. } => Some((Kind::Symlink, (*attrs).into())),
             Self::SetAttrs { kind, attrs } => Some(((*kind).into(), (*attrs).into())),
@@ -148,8 +164,11 @@ impl Entry {
     /// Whether two entries must be applied in order: they touch the same key, or one key is a
     /// directory above the other.
     pub fn related(&self, other: &Entry) -> bool {
-        self.keys()
-            .any(|a| other.keys().any(|b| a == b || is_below(a, b) || is_below(b, a)))
+        self.keys().any(|a| {
+            other
+                .keys()
+                .any(|b| a == b || is_below(a, b) || is_below(b, a))
+        })
     }
 }
 
@@ -159,7 +178,8 @@ fn is_below(key: &str, dir: &str) -> bool {
 }
 
 fn unix_seconds(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 fn from_unix_seconds(s: f64) -> SystemTime {
@@ -202,9 +222,9 @@ impl Journal {
             next_seq: 1,
         };
         let loaded: Vec<Entry> = {
-            let mut query = journal
-                .db
-                .prepare("SELECT seq, key, change, existed, not_before FROM changes ORDER BY seq")?;
+            let mut query = journal.db.prepare(
+                "SELECT seq, key, change, existed, not_before FROM changes ORDER BY seq",
+            )?;
             let rows = query.query_map([], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
@@ -218,7 +238,11 @@ impl Journal {
             for row in rows {
                 let (seq, key, change, existed, not_before) = row?;
                 let change: Change = serde_json::from_str(&change).map_err(|e| {
-                    rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
+                    rusqlite::Error::FromSqlConversionFailure(
+                        2,
+                        rusqlite::types::Type::Text,
+                        Box::new(e),
+                    )
                 })?;
                 loaded.push(Entry {
                     seq: seq as u64,
@@ -232,7 +256,11 @@ impl Journal {
         };
         for entry in loaded {
             journal.next_seq = journal.next_seq.max(entry.seq + 1);
-            journal.by_key.entry(entry.key.clone()).or_default().push(entry.seq);
+            journal
+                .by_key
+                .entry(entry.key.clone())
+                .or_default()
+                .push(entry.seq);
             journal.entries.insert(entry.seq, entry);
         }
         Ok(journal)
@@ -248,13 +276,17 @@ impl Journal {
     }
 
     fn delete_row(&self, seq: u64) -> FsResult<()> {
-        self.db.execute("DELETE FROM changes WHERE seq = ?1", params![seq as i64])?;
+        self.db
+            .execute("DELETE FROM changes WHERE seq = ?1", params![seq as i64])?;
         Ok(())
     }
 
     /// The newest pending entry of `key`.
     pub fn latest(&self, key: &str) -> Option<&Entry> {
-        self.by_key.get(key)?.last().and_then(|seq| self.entries.get(seq))
+        self.by_key
+            .get(key)?
+            .last()
+            .and_then(|seq| self.entries.get(seq))
     }
 
     /// The newest entry of `key` that has not started, which a new change may replace.
@@ -273,7 +305,13 @@ impl Journal {
     /// Records a change of `key`; `store_has` says whether the store holds the key now (used
     /// when the journal has no entry for it). Returns the entry's sequence number, or None when
     /// the change cancelled a pending create.
-    pub fn record(&mut self, key: &str, change: Change, store_has: bool, not_before: SystemTime) -> FsResult<Option<u64>> {
+    pub fn record(
+        &mut self,
+        key: &str,
+        change: Change,
+        store_has: bool,
+        not_before: SystemTime,
+    ) -> FsResult<Option<u64>> {
         let existed = self.existed(key).unwrap_or(store_has);
         let in_flight_pending = self
             .by_key
@@ -308,6 +346,14 @@ impl Journal {
         self.by_key.entry(key.to_string()).or_default().push(seq);
         self.entries.insert(seq, entry);
         Ok(Some(seq))
+    }
+
+    /// Drops the waiting (not started) change of `key`, if any.
+    pub fn discard(&mut self, key: &str) -> FsResult<()> {
+        if let Some(seq) = self.replaceable(key) {
+            self.remove(seq)?;
+        }
+        Ok(())
     }
 
     /// Changes the attributes a pending change will write; false if nothing is pending.
@@ -427,7 +473,11 @@ impl Journal {
     pub fn children<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a Entry> + 'a {
         self.by_key
             .iter()
-            .filter(move |(key, _)| key.len() > prefix.len() && key.starts_with(prefix) && !key[prefix.len()..].contains('/'))
+            .filter(move |(key, _)| {
+                key.len() > prefix.len()
+                    && key.starts_with(prefix)
+                    && !key[prefix.len()..].contains('/')
+            })
             .filter_map(|(_, seqs)| seqs.last().and_then(|s| self.entries.get(s)))
     }
 
@@ -468,7 +518,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut journal = Journal::open(&dir.path().join("j.db")).unwrap();
         journal.record("a", put("f1"), false, now()).unwrap();
-        assert_eq!(journal.record("a", Change::Delete, false, now()).unwrap(), None);
+        assert_eq!(
+            journal.record("a", Change::Delete, false, now()).unwrap(),
+            None
+        );
         assert!(journal.is_empty());
         // A file the store has needs its delete.
         journal.record("b", put("f2"), true, now()).unwrap();
@@ -481,12 +534,23 @@ mod tests {
     fn changes_replace_in_place_and_keep_their_order() {
         let dir = tempfile::tempdir().unwrap();
         let mut journal = Journal::open(&dir.path().join("j.db")).unwrap();
-        let marker = journal.record("d", Change::PutDir { attrs: attrs() }, false, now()).unwrap();
+        let marker = journal
+            .record("d", Change::PutDir { attrs: attrs() }, false, now())
+            .unwrap();
         journal.record("d/f", put("f1"), false, now()).unwrap();
-        let again = journal.record("d", Change::PutDir { attrs: attrs() }, false, now()).unwrap();
-        assert_eq!(again, marker, "the marker keeps its place ahead of its file");
+        let again = journal
+            .record("d", Change::PutDir { attrs: attrs() }, false, now())
+            .unwrap();
+        assert_eq!(
+            again, marker,
+            "the marker keeps its place ahead of its file"
+        );
         let runnable = journal.take_runnable(now(), 10);
-        assert_eq!(runnable.len(), 1, "the file waits for its directory's marker");
+        assert_eq!(
+            runnable.len(),
+            1,
+            "the file waits for its directory's marker"
+        );
         assert_eq!(runnable[0].key, "d");
         journal.remove(runnable[0].seq).unwrap();
         let next = journal.take_runnable(now(), 10);
@@ -499,9 +563,15 @@ mod tests {
         let mut journal = Journal::open(&dir.path().join("j.db")).unwrap();
         journal.record("a", put("f1"), false, now()).unwrap();
         let started = journal.take_runnable(now(), 1);
-        let newer = journal.record("a", put("f1"), false, now()).unwrap().unwrap();
+        let newer = journal
+            .record("a", put("f1"), false, now())
+            .unwrap()
+            .unwrap();
         assert_ne!(newer, started[0].seq);
-        assert!(journal.take_runnable(now(), 10).is_empty(), "the newer one waits for the first");
+        assert!(
+            journal.take_runnable(now(), 10).is_empty(),
+            "the newer one waits for the first"
+        );
         journal.remove(started[0].seq).unwrap();
         assert_eq!(journal.take_runnable(now(), 10)[0].seq, newer);
     }
@@ -514,12 +584,25 @@ mod tests {
             let mut journal = Journal::open(&path).unwrap();
             journal.record("x", put("f1"), false, now()).unwrap();
             journal
-                .record("y", Change::Copy { from: "x0".into(), etag: "\"e\"".into(), size: 3, attrs: attrs() }, false, now())
+                .record(
+                    "y",
+                    Change::Copy {
+                        from: "x0".into(),
+                        etag: "\"e\"".into(),
+                        size: 3,
+                        attrs: attrs(),
+                    },
+                    false,
+                    now(),
+                )
                 .unwrap();
         }
         let journal = Journal::open(&path).unwrap();
         assert_eq!(journal.len(), 2);
-        assert!(matches!(journal.latest("y").unwrap().change, Change::Copy { .. }));
+        assert!(matches!(
+            journal.latest("y").unwrap().change,
+            Change::Copy { .. }
+        ));
     }
 
     #[test]
@@ -527,7 +610,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut journal = Journal::open(&dir.path().join("j.db")).unwrap();
         journal
-            .record("b", Change::Copy { from: "a".into(), etag: "\"e\"".into(), size: 1, attrs: attrs() }, false, now())
+            .record(
+                "b",
+                Change::Copy {
+                    from: "a".into(),
+                    etag: "\"e\"".into(),
+                    size: 1,
+                    attrs: attrs(),
+                },
+                false,
+                now(),
+            )
             .unwrap();
         journal.record("a", Change::Delete, true, now()).unwrap();
         let runnable = journal.take_runnable(now(), 10);

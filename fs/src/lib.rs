@@ -4,6 +4,7 @@
 
 pub mod attrs;
 pub mod cache;
+pub mod control;
 pub mod error;
 pub mod fs;
 pub mod fuse;

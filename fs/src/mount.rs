@@ -26,6 +26,11 @@ pub enum MountError {
     },
     #[error("uploading changes before unmounting: {0}")]
     Flush(FsError),
+    #[error("cannot listen on the control socket {path}: {source}")]
+    Control {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("unmounting {path}: {source}")]
     Unmount {
         path: PathBuf,
@@ -48,6 +53,8 @@ pub struct Mounted {
     session: Option<BackgroundSession>,
     fs: Arc<Filesystem>,
     mountpoint: PathBuf,
+    /// The uploader and the control socket.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// Mounts `store` on `mountpoint`; requests are served on `runtime`.
@@ -62,7 +69,19 @@ pub fn mount(
         source,
     })?;
     let read_only = options.fs.read_only;
-    let fs = Arc::new(Filesystem::new(store, cache, options.fs));
+    let fs = Filesystem::new(store, cache, options.fs).map_err(|source| MountError::Cache {
+        path: options.cache_dir.clone(),
+        source,
+    })?;
+    let fs = Arc::new(fs);
+    let _enter = runtime.enter();
+    let uploader = fs.start_uploader();
+    let control = crate::control::serve(Arc::clone(&fs), mountpoint).map_err(|source| {
+        MountError::Control {
+            path: crate::control::socket_path(mountpoint),
+            source,
+        }
+    })?;
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName(options.source),
@@ -89,6 +108,7 @@ pub fn mount(
         session: Some(session),
         fs,
         mountpoint: mountpoint.to_path_buf(),
+        tasks: vec![uploader, control],
     })
 }
 
@@ -104,9 +124,9 @@ impl Mounted {
             .is_some_and(|s| !s.guard.is_finished())
     }
 
-    /// Uploads every change, then unmounts (if still mounted) and waits for the session to end.
+    /// Unmounts (if still mounted), then waits until the store holds every change.
     pub async fn unmount(mut self) -> Result<(), MountError> {
-        let flushed = self.fs.flush_all().await.map_err(MountError::Flush);
+        let mut unmounted = Ok(());
         if let Some(session) = self.session.take() {
             let path = self.mountpoint.clone();
             let still_mounted = !session.guard.is_finished();
@@ -120,9 +140,14 @@ impl Mounted {
             .await
             .map_err(|e| std::io::Error::other(e.to_string()));
             if let Err(source) | Ok(Err(source)) = ended {
-                return Err(MountError::Unmount { path, source });
+                unmounted = Err(MountError::Unmount { path, source });
             }
         }
-        flushed
+        let drained = self.fs.drain(None).await.map_err(MountError::Flush);
+        for task in &self.tasks {
+            task.abort();
+        }
+        let _ = std::fs::remove_file(crate::control::socket_path(&self.mountpoint));
+        unmounted.and(drained)
     }
 }

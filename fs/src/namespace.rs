@@ -40,6 +40,8 @@ pub struct Inode {
     pub target: Option<String>,
     /// The open state of a file's contents, while it is open or changed.
     pub file: Option<Arc<crate::fs::FileData>>,
+    /// A directory whose children this mount has listed in full.
+    pub listed: bool,
 }
 
 impl Inode {
@@ -74,6 +76,7 @@ impl Namespace {
             lookups: 1,
             target: None,
             file: None,
+            listed: false,
         };
         Self {
             inodes: HashMap::from([(ROOT, root)]),
@@ -123,6 +126,13 @@ impl Namespace {
         } else {
             format!("{key}/")
         })
+    }
+
+    /// The inode at `key` ("a/b"), if the mount knows every name on the way.
+    pub fn find(&self, key: &str) -> Option<u64> {
+        key.split('/')
+            .filter(|part| !part.is_empty())
+            .try_fold(ROOT, |at, part| self.child(at, part))
     }
 
     pub fn mark_absent(&mut self, parent: u64, name: &str) {
@@ -176,6 +186,7 @@ impl Namespace {
             lookups: 0,
             target: None,
             file: None,
+            listed: false,
         };
         if attrs.kind() == Kind::Dir {
             self.children.insert(ino, BTreeMap::new());

@@ -11,6 +11,7 @@ use cairn_fs::attrs::Kind;
 use cairn_fs::cache::Cache;
 use cairn_fs::fs::{Filesystem, FsConfig, SetAttrs};
 use cairn_fs::namespace::ROOT;
+use cairn_fs::store::StoreExt;
 use cairn_fs::store::memory::MemoryStore;
 use proptest::prelude::*;
 
@@ -269,24 +270,33 @@ fn listing(mut entries: Vec<(String, bool)>) -> Vec<u8> {
 
 /// The filesystem under test, opened on a fresh memory store.
 struct Subject {
-    fs: Filesystem,
+    fs: Arc<Filesystem>,
+    store: Arc<MemoryStore>,
     _cache: tempfile::TempDir,
 }
 
 impl Subject {
-    fn new() -> Subject {
+    /// Must be called inside the runtime: it starts the uploader. With no write-back delay the
+    /// uploader races the operations; with one, changes mostly coalesce before they upload.
+    fn new(writeback_delay: Duration) -> Subject {
         let cache_dir = tempfile::tempdir().unwrap();
         let config = FsConfig {
             metadata_ttl: Duration::from_secs(3600),
+            writeback_delay,
             ..FsConfig::default()
         };
+        let store = Arc::new(MemoryStore::new());
         let fs = Filesystem::new(
-            Arc::new(MemoryStore::new()),
+            store.clone(),
             Cache::open(cache_dir.path()).unwrap(),
             config,
-        );
+        )
+        .unwrap();
+        let fs = Arc::new(fs);
+        fs.start_uploader();
         Subject {
             fs,
+            store,
             _cache: cache_dir,
         }
     }
@@ -312,6 +322,27 @@ impl Subject {
     async fn open_file(&self, path: &str, flags: i32) -> Result<u64, i32> {
         let ino = self.walk(path).await?;
         Ok(self.fs.open(ino, flags).await.map_err(|e| e.errno())?.fh)
+    }
+
+    /// Waits until every change is in the store, then reads the store back as a tree:
+    /// directories (their markers) and files with their contents.
+    async fn stored_tree(&self) -> BTreeMap<String, Node> {
+        self.fs
+            .drain(Some(Duration::from_secs(30)))
+            .await
+            .expect("the store takes every change");
+        let listed = self.store.list_all("", false).await.unwrap();
+        let mut tree = BTreeMap::new();
+        for object in listed.objects {
+            match object.key.strip_suffix('/') {
+                Some(dir) => tree.insert(dir.to_string(), Node::Dir),
+                None => {
+                    let (_, body) = self.store.get_all(&object.key).await.unwrap();
+                    tree.insert(object.key, Node::File(body.to_vec()))
+                }
+            };
+        }
+        tree
     }
 
     async fn read_all(&self, path: &str) -> Outcome {
@@ -427,10 +458,16 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
-    fn the_filesystem_behaves_like_a_posix_tree(ops in proptest::collection::vec(op(), 1..50)) {
+    fn the_filesystem_behaves_like_a_posix_tree(
+        ops in proptest::collection::vec(op(), 1..50),
+        delay_ms in prop_oneof![Just(0u64), Just(2000u64)],
+    ) {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let paths = paths();
-        let subject = Subject::new();
+        let subject = {
+            let _inside = runtime.enter();
+            Subject::new(Duration::from_millis(delay_ms))
+        };
         let mut model = Model::default();
         for (step, op) in ops.iter().enumerate() {
             let expected = model.apply(op, &paths);
@@ -444,5 +481,8 @@ proptest! {
                 prop_assert_eq!(read, Ok(Some(data.clone())), "final contents of {}", path);
             }
         }
+        // And once the uploader has applied every change, the store holds the same tree.
+        let stored = runtime.block_on(subject.stored_tree());
+        prop_assert_eq!(stored, model.nodes);
     }
 }

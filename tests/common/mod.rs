@@ -98,6 +98,23 @@ impl Volume {
         self.mountpoint.join(relative)
     }
 
+    /// Runs `cairn flush` on the mount: returns once the store holds every change.
+    pub fn flush(&self) -> String {
+        let output = Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .arg("flush")
+            .arg(&self.mountpoint)
+            .args(["--timeout", "120"])
+            .output()
+            .expect("run cairn flush");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "cairn flush failed: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+    }
+
     /// Stops the mount with SIGTERM (uploading changes) and returns what it printed.
     pub fn stop(&mut self) -> String {
         let Some(child) = self.child.take() else {

@@ -1,0 +1,582 @@
+//! The uploader: applies the change log to the store in the background, in order, several
+//! changes at once where they touch unrelated keys. A file's contents are uploaded from a
+//! snapshot taken under the file's lock, so the object is always a version the file really had,
+//! even while the application goes on writing. Retryable store errors are retried with backoff
+//! for as long as it takes; the changes wait safely on local disk meanwhile.
+//!
+//! Also here: waiting for changes to reach the store (fsync, flush, unmount), the figures a
+//! report shows, and the periodic work (uploading files kept open and written, evicting clean
+//! cached data beyond the cache size).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt, stream};
+
+use super::{FileData, Filesystem, blocking, read_at};
+use crate::attrs::{Attrs, Kind};
+use crate::cache::RangeSet;
+use crate::error::{FsError, FsResult};
+use crate::journal::{Change, Entry};
+use crate::namespace::Remote;
+use crate::store::{ETag, ErrorKind, PutCondition, PutOptions, StoreError};
+
+/// How the uploader is doing, for reports and `cairn flush`.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    /// The last failure to apply a change, and when.
+    pub last_error: Option<(SystemTime, String)>,
+    /// Whether the last attempt failed (cleared by the next success).
+    pub failing: bool,
+    /// Whether that failure was one that retrying will not fix by itself (access denied,
+    /// bucket gone): it needs an operator.
+    pub permanent: bool,
+    pub applied_changes: u64,
+    pub uploaded_bytes: u64,
+}
+
+/// What is not yet in the store.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pending {
+    pub changes: usize,
+    /// Bytes of file contents waiting for upload.
+    pub bytes: u64,
+    /// When the oldest waiting change was made due.
+    pub oldest: Option<SystemTime>,
+}
+
+/// What applying a change came to.
+enum Applied {
+    Done {
+        bytes: u64,
+    },
+    /// Nothing to apply any more (its file or source is gone); said why.
+    Moot(String),
+}
+
+impl Filesystem {
+    /// Starts applying the change log in the background (on the current tokio runtime).
+    pub fn start_uploader(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let fs = Arc::clone(self);
+        tokio::spawn(async move { fs.run_uploader().await })
+    }
+
+    async fn run_uploader(self: Arc<Self>) {
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let mut last_tick = Instant::now();
+        loop {
+            let room = self
+                .config
+                .uploads_in_flight
+                .saturating_sub(in_flight.load(Ordering::Acquire));
+            let batch = if room > 0 {
+                self.journal().take_runnable(SystemTime::now(), room)
+            } else {
+                Vec::new()
+            };
+            for entry in batch {
+                in_flight.fetch_add(1, Ordering::AcqRel);
+                let (fs, counter) = (Arc::clone(&self), Arc::clone(&in_flight));
+                tokio::spawn(async move {
+                    let outcome = fs.apply(&entry).await;
+                    fs.settle(entry, outcome).await;
+                    counter.fetch_sub(1, Ordering::AcqRel);
+                    fs.wake.notify_one();
+                });
+            }
+            if last_tick.elapsed() >= Duration::from_secs(1) {
+                last_tick = Instant::now();
+                if let Err(err) = self.tick().await {
+                    tracing::warn!("cache upkeep: {err}");
+                }
+            }
+            let until_due = self
+                .journal()
+                .next_due()
+                .and_then(|due| due.duration_since(SystemTime::now()).ok())
+                .unwrap_or(Duration::from_secs(1));
+            let wait = until_due.clamp(Duration::from_millis(5), Duration::from_secs(1));
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Applies one change to the store.
+    async fn apply(&self, entry: &Entry) -> FsResult<Applied> {
+        let key = entry.key.as_str();
+        match &entry.change {
+            Change::PutFile { cache_file, attrs } => {
+                let Some((snapshot, size, holder)) = self.snapshot(cache_file).await? else {
+                    return Ok(Applied::Moot(format!("the cache file of {key} is gone")));
+                };
+                let put = self.put_path(key, &snapshot, size, (*attrs).into()).await;
+                let path = snapshot.clone();
+                let _ = blocking(move || Ok(std::fs::remove_file(path)?)).await;
+                let etag = put?;
+                self.after_put(entry, cache_file, etag, size, holder)
+                    .await?;
+                Ok(Applied::Done { bytes: size })
+            }
+            Change::PutDir { attrs } => {
+                let attrs: Attrs = (*attrs).into();
+                let marker = format!("{key}/");
+                let put = self
+                    .store
+                    .put(
+                        &marker,
+                        Bytes::new(),
+                        PutOptions::with_metadata(attrs.encode()),
+                    )
+                    .await?;
+                self.remember_remote(key, Kind::Dir, put.etag, 0);
+                Ok(Applied::Done { bytes: 0 })
+            }
+            Change::PutSymlink { target, attrs } => {
+                let attrs: Attrs = (*attrs).into();
+                let body = Bytes::from(target.clone().into_bytes());
+                let put = self
+                    .store
+                    .put(key, body, PutOptions::with_metadata(attrs.encode()))
+                    .await?;
+                self.remember_remote(key, Kind::Symlink, put.etag, target.len() as u64);
+                Ok(Applied::Done {
+                    bytes: target.len() as u64,
+                })
+            }
+            Change::Copy {
+                from,
+                etag,
+                size,
+                attrs,
+            } => {
+                let attrs: Attrs = (*attrs).into();
+                match self.store.copy(from, key, Some(attrs.encode())).await {
+                    Ok(put) => {
+                        self.after_copy(key, &ETag(etag.clone()), put.etag, *size)
+                            .await?;
+                        Ok(Applied::Done { bytes: 0 })
+                    }
+                    Err(err) if err.kind() == ErrorKind::NotFound => Ok(Applied::Moot(format!(
+                        "{from}, renamed to {key}, is gone from the store"
+                    ))),
+                    Err(err) => Err(err.into()),
+                }
+            }
+            Change::SetAttrs { kind, attrs } => {
+                let attrs: Attrs = (*attrs).into();
+                let result = match Kind::from(*kind) {
+                    Kind::Dir => {
+                        let marker = format!("{key}/");
+                        self.store
+                            .put(
+                                &marker,
+                                Bytes::new(),
+                                PutOptions::with_metadata(attrs.encode()),
+                            )
+                            .await
+                    }
+                    Kind::File | Kind::Symlink => {
+                        self.store.copy(key, key, Some(attrs.encode())).await
+                    }
+                };
+                match result {
+                    Ok(_) => Ok(Applied::Done { bytes: 0 }),
+                    Err(err) if err.kind() == ErrorKind::NotFound => {
+                        Ok(Applied::Moot(format!("{key} is gone from the store")))
+                    }
+                    Err(err) => Err(err.into()),
+                }
+            }
+            Change::Delete => {
+                self.store.delete(key).await?;
+                Ok(Applied::Done { bytes: 0 })
+            }
+            Change::DeleteDir => {
+                self.store.delete(&format!("{key}/")).await?;
+                Ok(Applied::Done { bytes: 0 })
+            }
+        }
+    }
+
+    /// Records how applying a change went: done (out of the log), or failed (retried later).
+    async fn settle(&self, entry: Entry, outcome: FsResult<Applied>) {
+        let seq = entry.seq;
+        match outcome {
+            Ok(applied) => {
+                if let Applied::Moot(why) = &applied {
+                    tracing::warn!("dropping a change of {}: {why}", entry.key);
+                }
+                if let Err(err) = self.log(move |j| j.remove(seq)).await {
+                    tracing::error!("could not remove an applied change from the log: {err}");
+                }
+                self.attempts().remove(&seq);
+                let mut status = self.status();
+                status.failing = false;
+                status.permanent = false;
+                status.applied_changes += 1;
+                if let Applied::Done { bytes } = applied {
+                    status.uploaded_bytes += bytes;
+                }
+            }
+            Err(err) => {
+                let attempt = {
+                    let mut attempts = self.attempts();
+                    let count = attempts.entry(seq).or_insert(0);
+                    *count += 1;
+                    *count
+                };
+                let permanent = match &err {
+                    FsError::Store(e) => !e.kind().is_retryable(),
+                    _ => false,
+                };
+                let backoff = if permanent {
+                    Duration::from_secs(30)
+                } else {
+                    Duration::from_millis(200 * 2u64.saturating_pow(attempt.min(8)))
+                        .min(Duration::from_secs(30))
+                };
+                let message = format!("applying a change of {} to the store: {err}", entry.key);
+                if permanent {
+                    tracing::error!("{message} (kept locally; retrying in {backoff:?})");
+                } else {
+                    tracing::warn!("{message} (attempt {attempt}; retrying in {backoff:?})");
+                }
+                {
+                    let mut status = self.status();
+                    status.last_error = Some((SystemTime::now(), message));
+                    status.failing = true;
+                    status.permanent = permanent;
+                }
+                self.journal().retry_later(seq, SystemTime::now() + backoff);
+            }
+        }
+        self.progress.notify_waiters();
+    }
+
+    fn attempts(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, u32>> {
+        self.attempts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn status(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How the uploader is doing.
+    pub fn upload_status(&self) -> Status {
+        self.status().clone()
+    }
+
+    /// What is not yet in the store.
+    pub fn pending(&self) -> Pending {
+        let journal = self.journal();
+        Pending {
+            changes: journal.len(),
+            bytes: self.dirty_bytes.load(Ordering::Acquire),
+            oldest: journal.entries().map(|e| e.not_before).min(),
+        }
+    }
+
+    /// Copies a cache file to a snapshot under the file's lock (or, for a file no one has open,
+    /// while no one can open it). None if the cache file is gone.
+    async fn snapshot(
+        &self,
+        cache_file: &str,
+    ) -> FsResult<Option<(PathBuf, u64, Option<(Arc<FileData>, u64)>)>> {
+        let registry = self.files.lock().await;
+        let holder = registry.get(cache_file).and_then(std::sync::Weak::upgrade);
+        let source = self.cache.path_of(cache_file);
+        let target = self.cache.snapshot_path();
+        let copy = |source: PathBuf, target: PathBuf| {
+            blocking(move || match std::fs::copy(&source, &target) {
+                Ok(size) => Ok(Some(size)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&target);
+                    Err(e.into())
+                }
+            })
+        };
+        let (size, holder) = match holder {
+            Some(data) => {
+                let content = data.content.lock().await;
+                drop(registry);
+                let generation = content.generation;
+                let size = copy(source, target.clone()).await?;
+                drop(content);
+                (size, Some((data, generation)))
+            }
+            None => {
+                let size = copy(source, target.clone()).await?;
+                drop(registry);
+                (size, None)
+            }
+        };
+        Ok(size.map(|size| (target, size, holder)))
+    }
+
+    /// Uploads `size` bytes of the file at `path` to `key`: one put, or a multipart upload with
+    /// parts in parallel for large files.
+    async fn put_path(&self, key: &str, path: &Path, size: u64, attrs: Attrs) -> FsResult<ETag> {
+        let metadata = attrs.encode();
+        let path = path.to_path_buf();
+        let file = Arc::new(blocking(move || Ok(std::fs::File::open(path)?)).await?);
+        if size <= self.config.single_put_limit {
+            let body = blocking(move || read_at(&file, 0..size)).await?;
+            let put = self
+                .store
+                .put(key, Bytes::from(body), PutOptions::with_metadata(metadata))
+                .await?;
+            return Ok(put.etag);
+        }
+        let part_size = self.config.part_size;
+        let upload = self.store.start_multipart(key, metadata).await?;
+        let parts =
+            stream::iter((0..size.div_ceil(part_size)).map(|i| (i as u32 + 1, i * part_size)))
+                .map(|(number, start)| {
+                    let (file, upload) = (Arc::clone(&file), &upload);
+                    async move {
+                        let range = start..(start + part_size).min(size);
+                        let body = blocking(move || read_at(&file, range)).await?;
+                        let part = self
+                            .store
+                            .upload_part(key, upload, number, Bytes::from(body))
+                            .await?;
+                        Ok::<_, FsError>(part)
+                    }
+                })
+                .buffered(self.config.concurrency)
+                .try_collect::<Vec<_>>()
+                .await;
+        let completed = match parts {
+            Ok(parts) => self
+                .store
+                .complete_multipart(key, &upload, parts, PutCondition::Always)
+                .await
+                .map_err(FsError::from),
+            Err(err) => Err(err),
+        };
+        match completed {
+            Ok(put) => Ok(put.etag),
+            Err(err) => {
+                let _ = self.store.abort_multipart(key, &upload).await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Remembers what the store now holds for `key`, if the mount knows the name.
+    fn remember_remote(&self, key: &str, kind: Kind, etag: ETag, size: u64) {
+        let mut ns = self.ns();
+        if let Some(ino) = ns.find(key)
+            && let Some(inode) = ns.get_mut(ino)
+            && inode.kind() == kind
+        {
+            inode.remote = Some(Remote { etag, size });
+            inode.checked = Instant::now();
+        }
+    }
+
+    /// After a file's upload: the file is clean if nothing changed since its snapshot, and its
+    /// cache file becomes cached store data again.
+    async fn after_put(
+        &self,
+        entry: &Entry,
+        cache_file: &str,
+        etag: ETag,
+        size: u64,
+        holder: Option<(Arc<FileData>, u64)>,
+    ) -> FsResult<()> {
+        let later = self
+            .journal()
+            .latest(&entry.key)
+            .is_some_and(|e| e.seq != entry.seq);
+        self.remember_remote(&entry.key, Kind::File, etag.clone(), size);
+        let mut clean = holder.is_none() && !later;
+        if let Some((data, generation)) = &holder {
+            let mut content = data.content.lock().await;
+            if content.cache_name == cache_file && content.generation == *generation && !later {
+                content.dirty = false;
+                content.etag = Some(etag.clone());
+                content.remote_limit = size;
+                content.present = RangeSet::full(size);
+                content.kernel_cached = Some(etag.clone());
+                content.dirty_since = None;
+                clean = true;
+            }
+        }
+        if clean {
+            let (cache, key, file, etag) = (
+                self.cache.clone(),
+                entry.key.clone(),
+                cache_file.to_string(),
+                etag,
+            );
+            blocking(move || cache.record(&key, &file, &etag, &RangeSet::full(size))).await?;
+        }
+        if let Some((data, _)) = holder {
+            self.drop_if_clean(&data).await;
+        }
+        Ok(())
+    }
+
+    /// After a renamed file's copy: its cached data (of version `old`) is the new object's.
+    async fn after_copy(&self, key: &str, old: &ETag, etag: ETag, size: u64) -> FsResult<()> {
+        self.remember_remote(key, Kind::File, etag.clone(), size);
+        let data = {
+            let ns = self.ns();
+            ns.find(key)
+                .and_then(|ino| ns.get(ino))
+                .and_then(|i| i.file.clone())
+        };
+        if let Some(data) = data {
+            let mut content = data.content.lock().await;
+            if !content.dirty && content.etag.as_ref() == Some(old) {
+                content.etag = Some(etag.clone());
+                let (cache, key, file, present) = (
+                    self.cache.clone(),
+                    key.to_string(),
+                    content.cache_name.clone(),
+                    content.present.clone(),
+                );
+                blocking(move || cache.record(&key, &file, &etag, &present)).await?;
+            }
+            return Ok(());
+        }
+        let (cache, key) = (self.cache.clone(), key.to_string());
+        let old = old.clone();
+        blocking(move || {
+            if let Some(cached) = cache.lookup(&key)?
+                && cached.etag == old
+            {
+                cache.record(&key, &cached.file, &etag, &cached.present)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Waits until the change `seq`, and every change before it, is in the store.
+    pub async fn wait_applied(&self, seq: u64) -> FsResult<()> {
+        loop {
+            let notified = self.progress.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.journal().pending_up_to(seq) {
+                return Ok(());
+            }
+            notified.await;
+        }
+    }
+
+    /// Makes everything due now and waits until the store holds it all (at most `limit`).
+    pub async fn drain(&self, limit: Option<Duration>) -> FsResult<()> {
+        let open: Vec<Arc<FileData>> = self
+            .files
+            .lock()
+            .await
+            .values()
+            .filter_map(|w| w.upgrade())
+            .collect();
+        for data in open {
+            if data.content.lock().await.dirty {
+                self.queue_upload(&data, false).await?;
+            }
+        }
+        self.log(|j| j.hurry_all()).await?;
+        let deadline = limit.map(|l| Instant::now() + l);
+        loop {
+            let notified = self.progress.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let left = self.journal().len();
+            if left == 0 {
+                return Ok(());
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                let why = self
+                    .status()
+                    .last_error
+                    .clone()
+                    .map_or_else(String::new, |(_, e)| format!(": {e}"));
+                return Err(FsError::Store(StoreError::new(
+                    ErrorKind::Unavailable,
+                    format!("{left} changes are not yet in the store{why}"),
+                )));
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// Writers wait here while changed data fills the cache and uploads can make room.
+    pub(super) async fn wait_for_room(&self) {
+        loop {
+            let full = self.dirty_bytes.load(Ordering::Acquire) > self.config.cache_size;
+            if !full || self.journal().is_empty() {
+                return;
+            }
+            let notified = self.progress.notified();
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            self.refresh_dirty_bytes().await;
+        }
+    }
+
+    /// Counts the bytes of changed data (pending uploads, and changed open files).
+    async fn refresh_dirty_bytes(&self) {
+        let mut names = self.referenced_cache_files();
+        for data in self.files.lock().await.values().filter_map(|w| w.upgrade()) {
+            if let Ok(content) = data.content.try_lock()
+                && content.dirty
+            {
+                names.insert(content.cache_name.clone());
+            }
+        }
+        let cache = self.cache.clone();
+        let bytes = blocking(move || Ok(names.iter().map(|n| cache.file_bytes(n)).sum::<u64>()))
+            .await
+            .unwrap_or(0);
+        self.dirty_bytes.store(bytes, Ordering::Release);
+    }
+
+    /// Once a second: upload files kept open and written past the maximum dirty age, count
+    /// changed bytes, and evict clean cached data beyond the cache size.
+    async fn tick(&self) -> FsResult<()> {
+        let aged: Vec<Arc<FileData>> = {
+            let registry = self.files.lock().await;
+            registry.values().filter_map(|w| w.upgrade()).collect()
+        };
+        for data in aged {
+            let old = data
+                .content
+                .try_lock()
+                .ok()
+                .and_then(|c| c.dirty_since)
+                .is_some_and(|since| since.elapsed() >= self.config.max_dirty_age);
+            if old {
+                self.queue_upload(&data, false).await?;
+            }
+        }
+        self.refresh_dirty_bytes().await;
+        let mut keep = self.referenced_cache_files();
+        keep.extend(
+            self.files
+                .lock()
+                .await
+                .iter()
+                .filter(|(_, w)| w.strong_count() > 0)
+                .map(|(name, _)| name.clone()),
+        );
+        let (cache, limit) = (self.cache.clone(), self.config.cache_size);
+        blocking(move || cache.evict(limit, &keep)).await
+    }
+}
