@@ -10,7 +10,7 @@ use std::os::unix::fs::FileExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use common::{Direct, Volume};
+use common::Volume;
 
 const OPERATIONS: usize = 3000;
 const MAX_SIZE: u64 = 3 << 20;
@@ -107,16 +107,9 @@ fn random_reads_writes_and_truncates_match_a_reference_file() {
 
     // Once flushed, the store holds exactly the final version.
     volume.flush();
-    let (bucket_root, query) = volume.spec.split_once('?').unwrap();
-    let prefix = bucket_root.splitn(4, '/').nth(3).unwrap().to_string();
-    let root: String = bucket_root
-        .splitn(4, '/')
-        .take(3)
-        .collect::<Vec<_>>()
-        .join("/");
-    let direct = Direct::new(&format!("{root}?{query}"));
-    let (_, stored) = direct
-        .get(&format!("{prefix}/subject.bin"))
+    let (_, stored) = volume
+        .direct()
+        .get(&volume.key("subject.bin"))
         .expect("the object");
     assert!(
         stored == reference,

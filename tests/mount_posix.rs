@@ -16,17 +16,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use common::{Direct, Volume, errno};
 
 fn key_of(volume: &Volume, relative: &str) -> String {
-    // The spec's prefix is the part between the bucket and the query.
-    let path = volume.spec.split('?').next().unwrap();
-    let prefix = path.splitn(4, '/').nth(3).unwrap_or_default();
-    format!("{prefix}/{relative}")
+    volume.key(relative)
 }
 
 fn direct(volume: &Volume) -> Direct {
-    // Keys are checked relative to the bucket root, so open the bucket without the prefix.
-    let (path, query) = volume.spec.split_once('?').unwrap();
-    let bucket_root: String = path.splitn(4, '/').take(3).collect::<Vec<_>>().join("/");
-    Direct::new(&format!("{bucket_root}?{query}"))
+    volume.direct()
 }
 
 fn read(path: &Path) -> Vec<u8> {

@@ -190,6 +190,11 @@ impl S3Server {
         spec
     }
 
+    /// The loopback port of a server this process started (0 for an outside endpoint).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// A prefix no other test uses.
     pub fn unique_prefix(label: &str) -> String {
         format!("{label}-{}", uuid::Uuid::new_v4().simple())
@@ -212,4 +217,88 @@ pub fn which(program: &str) -> Option<PathBuf> {
             .map(|dir| dir.join(program))
             .find(|candidate| candidate.is_file())
     })
+}
+
+/// A TCP relay on loopback in front of a server, that can be stopped (the port refuses
+/// connections and open ones are cut) and started again on the same port: to a client it is the
+/// server going away and coming back.
+pub struct Relay {
+    pub port: u16,
+    target: u16,
+    state: std::sync::Arc<RelayState>,
+}
+
+#[derive(Default)]
+struct RelayState {
+    running: std::sync::atomic::AtomicBool,
+    generation: std::sync::atomic::AtomicU64,
+    connections: Mutex<Vec<TcpStream>>,
+}
+
+impl Relay {
+    /// Starts relaying a new loopback port to `target`.
+    pub fn start(target: u16) -> Relay {
+        let relay = Relay {
+            port: free_port(),
+            target,
+            state: std::sync::Arc::new(RelayState::default()),
+        };
+        relay.resume();
+        relay
+    }
+
+    /// Listens again (after `stop`).
+    pub fn resume(&self) {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind(("127.0.0.1", self.port)).expect("bind the relay port");
+        listener.set_nonblocking(true).unwrap();
+        self.state.running.store(true, Ordering::SeqCst);
+        let generation = self.state.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let (state, target) = (std::sync::Arc::clone(&self.state), self.target);
+        std::thread::spawn(move || {
+            while state.running.load(Ordering::SeqCst)
+                && state.generation.load(Ordering::SeqCst) == generation
+            {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        client.set_nonblocking(false).ok();
+                        let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                            continue;
+                        };
+                        let mut connections = state.connections.lock().unwrap();
+                        connections.push(client.try_clone().unwrap());
+                        connections.push(server.try_clone().unwrap());
+                        drop(connections);
+                        pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+                        pipe(server, client);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+    }
+
+    /// Stops listening and cuts every open connection.
+    pub fn stop(&self) {
+        use std::sync::atomic::Ordering;
+        self.state.running.store(false, Ordering::SeqCst);
+        for stream in self.state.connections.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+        // Let the accept loop see the flag and drop the listener.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from, &mut to);
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
 }

@@ -98,6 +98,24 @@ impl Volume {
         self.mountpoint.join(relative)
     }
 
+    /// The store key of a path inside the volume (relative to the bucket).
+    pub fn key(&self, relative: &str) -> String {
+        let path = self.spec.split('?').next().unwrap();
+        let prefix = path
+            .splitn(4, '/')
+            .nth(3)
+            .unwrap_or_default()
+            .trim_end_matches('/');
+        format!("{prefix}/{relative}")
+    }
+
+    /// The store of this volume's bucket, reached directly (not through cairn's mount).
+    pub fn direct(&self) -> Direct {
+        let (path, query) = self.spec.split_once('?').unwrap_or((&self.spec, ""));
+        let bucket_root: String = path.splitn(4, '/').take(3).collect::<Vec<_>>().join("/");
+        Direct::new(&format!("{bucket_root}?{query}"))
+    }
+
     /// Runs `cairn flush` on the mount: returns once the store holds every change.
     pub fn flush(&self) -> String {
         let output = Command::new(env!("CARGO_BIN_EXE_cairn"))
@@ -130,6 +148,20 @@ impl Volume {
         );
         assert!(!is_mounted(&self.mountpoint), "still mounted after stop");
         stderr
+    }
+
+    /// Kills the mount process with SIGKILL, as a crash would, and clears its dead mountpoint.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let status = Command::new("umount")
+            .arg("-l")
+            .arg(&self.mountpoint)
+            .status()
+            .unwrap();
+        assert!(status.success(), "clear the dead mountpoint");
     }
 
     /// Stops and mounts again with the same cache directory.

@@ -558,9 +558,9 @@ impl Filesystem {
         for data in aged {
             let old = data
                 .content
-                .try_lock()
-                .ok()
-                .and_then(|c| c.dirty_since)
+                .lock()
+                .await
+                .dirty_since
                 .is_some_and(|since| since.elapsed() >= self.config.max_dirty_age);
             if old {
                 self.queue_upload(&data, false).await?;

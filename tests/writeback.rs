@@ -1,0 +1,283 @@
+//! The write-back engine through a real mount over a real S3 server: each rung of the
+//! durability ladder, objects that are never torn, unmount draining, `cairn flush`, and working
+//! while the S3 server is away.
+
+mod common;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cairn_testkit::{Relay, S3Server};
+use common::{Volume, is_mounted};
+
+/// Polls `check` until it holds or `limit` passes; returns how long it took.
+fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !check() {
+        assert!(
+            started.elapsed() < limit,
+            "{what} did not happen within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    started.elapsed()
+}
+
+#[test]
+fn a_returned_write_is_in_the_local_cache() {
+    let volume = Volume::new(&["--writeback-delay", "60"]);
+    let mut file = File::create(volume.path("f")).unwrap();
+    file.write_all(b"in the cache before any close").unwrap();
+    let cached = fs::read_dir(volume.cache_dir.join("data"))
+        .unwrap()
+        .any(|entry| fs::read(entry.unwrap().path()).unwrap() == b"in the cache before any close");
+    assert!(cached, "the written bytes are in a cache file");
+    assert!(
+        volume.direct().get(&volume.key("f")).is_none(),
+        "and not yet in the store"
+    );
+}
+
+#[test]
+fn close_schedules_the_upload_after_the_writeback_delay() {
+    let volume = Volume::new(&["--writeback-delay", "2"]);
+    let store = volume.direct();
+    fs::write(volume.path("later"), b"uploaded after a delay").unwrap();
+    let closed = Instant::now();
+    assert!(
+        store.get(&volume.key("later")).is_none(),
+        "not in the store right after close"
+    );
+    eventually(Duration::from_secs(20), "the upload", || {
+        store.get(&volume.key("later")).is_some()
+    });
+    assert!(
+        closed.elapsed() >= Duration::from_millis(1800),
+        "the upload waited for the delay"
+    );
+    assert_eq!(
+        store.get(&volume.key("later")).unwrap().1,
+        b"uploaded after a delay"
+    );
+}
+
+#[test]
+fn fsync_local_survives_a_killed_mount_process() {
+    let mut volume = Volume::new(&["--writeback-delay", "600", "--fsync", "local"]);
+    let mut file = File::create(volume.path("db")).unwrap();
+    file.write_all(b"committed transaction").unwrap();
+    file.sync_all().unwrap();
+    assert!(
+        volume.direct().get(&volume.key("db")).is_none(),
+        "fsync=local does not wait for the store"
+    );
+    volume.kill();
+    drop(file);
+    volume.start(&["--writeback-delay", "600"]);
+    volume.flush();
+    assert_eq!(
+        volume.direct().get(&volume.key("db")).unwrap().1,
+        b"committed transaction"
+    );
+}
+
+#[test]
+fn a_file_kept_open_and_written_is_uploaded_every_max_dirty_age() {
+    let volume = Volume::new(&["--writeback-delay", "600", "--max-dirty-age", "1"]);
+    let store = volume.direct();
+    let mut file = File::create(volume.path("log")).unwrap();
+    let started = Instant::now();
+    let mut written = 0;
+    while started.elapsed() < Duration::from_secs(4) {
+        file.write_all(b"line\n").unwrap();
+        written += 5;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stored = store
+        .get(&volume.key("log"))
+        .expect("uploaded while still open")
+        .1;
+    assert!(!stored.is_empty() && stored.len() <= written);
+    assert!(
+        stored.chunks(5).all(|line| line == b"line\n"),
+        "a version the file really had"
+    );
+}
+
+#[test]
+fn unmount_drains_everything_before_the_process_exits() {
+    let mut volume = Volume::new(&["--writeback-delay", "600"]);
+    fs::create_dir(volume.path("many")).unwrap();
+    for i in 0..200 {
+        fs::write(volume.path(&format!("many/{i:03}")), format!("file {i}")).unwrap();
+    }
+    fs::write(volume.path("big"), vec![7u8; 20 << 20]).unwrap();
+    assert!(volume.direct().get(&volume.key("big")).is_none());
+    volume.stop();
+    let store = volume.direct();
+    let keys = store.keys(&volume.key("many/"));
+    assert_eq!(keys.len(), 201, "200 files and the directory marker");
+    assert_eq!(store.get(&volume.key("many/123")).unwrap().1, b"file 123");
+    assert_eq!(
+        store.get(&volume.key("big")).unwrap().1,
+        vec![7u8; 20 << 20]
+    );
+}
+
+#[test]
+fn cairn_flush_uploads_now_and_reports_progress() {
+    let volume = Volume::new(&["--writeback-delay", "600"]);
+    for i in 0..20 {
+        fs::write(volume.path(&format!("f{i}")), vec![i as u8; 1 << 20]).unwrap();
+    }
+    let output = volume.flush();
+    assert!(
+        output.contains("pending: "),
+        "progress lines when not on a terminal: {output}"
+    );
+    assert!(
+        output.trim_end().ends_with(&format!(
+            "flushed: the store holds everything written to {}",
+            volume.mountpoint.display()
+        )),
+        "{output}"
+    );
+    assert_eq!(
+        volume.direct().get(&volume.key("f19")).unwrap().1,
+        vec![19u8; 1 << 20]
+    );
+    // A flush with nothing pending is quick and says so too.
+    assert!(volume.flush().contains("flushed"));
+}
+
+#[test]
+fn cairn_flush_without_a_mount_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .arg("flush")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no cairn mount answers"), "{stderr}");
+}
+
+/// The states a file takes when version `v` is written over version `v - 1` in chunks: the
+/// first chunks new, the rest old.
+fn is_a_real_version(body: &[u8], chunk: usize) -> bool {
+    let Some(&first) = body.first() else {
+        return true;
+    };
+    let boundary = body.iter().position(|b| *b != first).unwrap_or(body.len());
+    boundary % chunk == 0 && body[boundary..].iter().all(|b| *b == first.wrapping_sub(1))
+}
+
+#[test]
+fn objects_are_never_torn_while_the_application_keeps_writing() {
+    let volume = Volume::new(&["--writeback-delay", "0", "--max-dirty-age", "0.2"]);
+    let store = volume.direct();
+    let (size, chunk) = (8 << 20, 256 << 10);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(volume.path("hot"))
+        .unwrap();
+    file.write_all_at(&vec![0u8; size], 0).unwrap();
+    // From here on every version the file has is `size` bytes long.
+    file.sync_all().unwrap();
+    let writer = std::thread::spawn(move || {
+        let started = Instant::now();
+        let mut version = 0u8;
+        while started.elapsed() < Duration::from_secs(8) {
+            version = version.wrapping_add(1);
+            for at in (0..size).step_by(chunk) {
+                file.write_all_at(&vec![version; chunk], at as u64).unwrap();
+            }
+        }
+        version
+    });
+    let mut seen = std::collections::HashSet::new();
+    while !writer.is_finished() {
+        if let Some((_, body)) = store.get(&volume.key("hot")) {
+            assert_eq!(
+                body.len(),
+                size,
+                "a size the file never had since the fsync"
+            );
+            assert!(
+                is_a_real_version(&body, chunk),
+                "a torn object: starts {:?}",
+                &body[..8]
+            );
+            seen.insert(body[0]);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let versions = writer.join().unwrap();
+    assert!(
+        seen.len() > 3,
+        "uploads ran while the writer wrote {versions} versions ({} seen)",
+        seen.len()
+    );
+}
+
+#[test]
+fn writes_keep_working_while_the_s3_server_is_away() {
+    let server = S3Server::shared();
+    let relay = Relay::start(server.port());
+    let spec = server.spec(&S3Server::unique_prefix("offline")).replace(
+        &server.endpoint,
+        &format!("http://127.0.0.1:{}", relay.port),
+    );
+    let mut volume = Volume::mount(&spec, &["--writeback-delay", "0", "--metadata-ttl", "0.5"]);
+    fs::create_dir(volume.path("docs")).unwrap();
+    fs::write(volume.path("docs/kept.txt"), b"written while online").unwrap();
+    fs::write(volume.path("docs/gone.txt"), b"deleted while offline").unwrap();
+    volume.flush();
+    assert_eq!(fs::read_dir(volume.path("docs")).unwrap().count(), 2);
+
+    relay.stop();
+    // Cached reads, new files, overwrites, deletes and new directories all work offline.
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(
+        fs::read(volume.path("docs/kept.txt")).unwrap(),
+        b"written while online"
+    );
+    fs::write(volume.path("docs/new.txt"), b"written offline").unwrap();
+    fs::write(volume.path("docs/kept.txt"), b"changed offline").unwrap();
+    fs::remove_file(volume.path("docs/gone.txt")).unwrap();
+    fs::create_dir(volume.path("docs/sub")).unwrap();
+    fs::write(volume.path("docs/sub/deep.txt"), b"deep").unwrap();
+    let mut names: Vec<String> = fs::read_dir(volume.path("docs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["kept.txt", "new.txt", "sub"]);
+    std::thread::sleep(Duration::from_secs(2));
+
+    relay.resume();
+    volume.flush();
+    let store = volume.direct();
+    assert_eq!(
+        store.get(&volume.key("docs/kept.txt")).unwrap().1,
+        b"changed offline"
+    );
+    assert_eq!(
+        store.get(&volume.key("docs/new.txt")).unwrap().1,
+        b"written offline"
+    );
+    assert_eq!(
+        store.get(&volume.key("docs/sub/deep.txt")).unwrap().1,
+        b"deep"
+    );
+    assert!(store.get(&volume.key("docs/gone.txt")).is_none());
+    volume.stop();
+    assert!(!is_mounted(&volume.mountpoint));
+}
