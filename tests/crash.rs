@@ -193,7 +193,7 @@ fn kill_9_at_random_moments_loses_nothing_that_was_closed_or_fsynced() {
     let seed = std::env::var("CAIRN_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(0xc4a5_4u64);
+        .unwrap_or(0x000c_4a54_u64);
     let mut rng = StdRng::seed_from_u64(seed);
     let spec = S3Server::shared().spec(&S3Server::unique_prefix("crash"));
     let mut volume = Volume::mount(&spec, &MOUNT_ARGS);

@@ -474,87 +474,102 @@ impl Filesystem {
             }
             key
         };
-        let pending = self.journal().latest(&key).map(|e| e.change.clone());
-        match &pending {
-            Some(Change::Delete | Change::DeleteDir) => {
-                let mut ns = self.ns();
-                if let Some(ino) = ns.child(parent, name) {
-                    ns.detach(ino);
-                }
-                ns.mark_absent(parent, name);
-                return Ok(None);
-            }
-            Some(
-                change @ (Change::PutFile { .. }
-                | Change::PutDir { .. }
-                | Change::PutSymlink { .. }
-                | Change::Copy { .. }),
-            ) => {
-                let (_, attrs) = change.outcome().expect("puts have an outcome");
-                let size = self.pending_size(change).await;
-                let remote = match change {
-                    Change::Copy { etag, size, .. } => Some(Remote {
-                        etag: crate::store::ETag(etag.clone()),
-                        size: *size,
-                    }),
-                    _ => None,
-                };
-                let mut ns = self.ns();
-                let ino = match ns.child(parent, name) {
-                    Some(ino)
-                        if ns
-                            .get(ino)
-                            .is_some_and(|i| i.file.is_some() && i.kind() == attrs.kind()) =>
-                    {
-                        if let Some(inode) = ns.get_mut(ino) {
-                            inode.checked = Instant::now();
-                        }
-                        ino
+        loop {
+            let latest = self
+                .journal()
+                .latest(&key)
+                .map(|e| (e.seq, e.change.clone()));
+            let (seq, pending) = latest.map_or((None, None), |(s, c)| (Some(s), Some(c)));
+            // Whether the change log moved on while this resolve waited on I/O.
+            let moved_on = || self.journal().latest(&key).map(|e| e.seq) != seq;
+            match &pending {
+                Some(Change::Delete | Change::DeleteDir) => {
+                    let mut ns = self.ns();
+                    if let Some(ino) = ns.child(parent, name) {
+                        ns.detach(ino);
                     }
-                    _ => ns.upsert(parent, name, attrs, size, remote),
-                };
-                if let (Change::PutSymlink { target, .. }, Some(inode)) = (change, ns.get_mut(ino))
-                {
-                    inode.target = Some(target.clone());
-                }
-                return Ok(Some(ino));
-            }
-            _ => {}
-        }
-        let found = match self.probe(&key).await {
-            Ok(found) => found,
-            Err(err) if unreachable(&err) => {
-                let ns = self.ns();
-                if let Some(ino) = ns.child(parent, name) {
-                    return Ok(Some(ino));
-                }
-                if ns.get(parent).is_some_and(|p| p.listed) {
+                    ns.mark_absent(parent, name);
                     return Ok(None);
                 }
-                return Err(err);
-            }
-            Err(err) => return Err(err),
-        };
-        let mut ns = self.ns();
-        match found {
-            Some(found) => {
-                let ino = self.install(&mut ns, parent, name, found);
-                if let (Some(Change::SetAttrs { attrs, .. }), Some(inode)) =
-                    (&pending, ns.get_mut(ino))
-                {
-                    inode.attrs = (*attrs).into();
+                Some(
+                    change @ (Change::PutFile { .. }
+                    | Change::PutDir { .. }
+                    | Change::PutSymlink { .. }
+                    | Change::Copy { .. }),
+                ) => {
+                    let (_, attrs) = change.outcome().expect("puts have an outcome");
+                    let size = self.pending_size(change).await;
+                    let remote = match change {
+                        Change::Copy { etag, size, .. } => Some(Remote {
+                            etag: crate::store::ETag(etag.clone()),
+                            size: *size,
+                        }),
+                        _ => None,
+                    };
+                    let mut ns = self.ns();
+                    if moved_on() {
+                        continue;
+                    }
+                    let ino = match ns.child(parent, name) {
+                        Some(ino)
+                            if ns
+                                .get(ino)
+                                .is_some_and(|i| i.file.is_some() && i.kind() == attrs.kind()) =>
+                        {
+                            if let Some(inode) = ns.get_mut(ino) {
+                                inode.checked = Instant::now();
+                            }
+                            ino
+                        }
+                        _ => ns.upsert(parent, name, attrs, size, remote),
+                    };
+                    if let (Change::PutSymlink { target, .. }, Some(inode)) =
+                        (change, ns.get_mut(ino))
+                    {
+                        inode.target = Some(target.clone());
+                    }
+                    return Ok(Some(ino));
                 }
-                Ok(Some(ino))
+                _ => {}
             }
-            None => {
-                if let Some(ino) = ns.child(parent, name) {
-                    if ns.get(ino).is_some_and(|i| i.file.is_some()) {
+            let found = match self.probe(&key).await {
+                Ok(found) => found,
+                Err(err) if unreachable(&err) => {
+                    let ns = self.ns();
+                    if let Some(ino) = ns.child(parent, name) {
                         return Ok(Some(ino));
                     }
-                    ns.detach(ino);
+                    if ns.get(parent).is_some_and(|p| p.listed) {
+                        return Ok(None);
+                    }
+                    return Err(err);
                 }
-                ns.mark_absent(parent, name);
-                Ok(None)
+                Err(err) => return Err(err),
+            };
+            let mut ns = self.ns();
+            if moved_on() {
+                continue;
+            }
+            match found {
+                Some(found) => {
+                    let ino = self.install(&mut ns, parent, name, found);
+                    if let (Some(Change::SetAttrs { attrs, .. }), Some(inode)) =
+                        (&pending, ns.get_mut(ino))
+                    {
+                        inode.attrs = (*attrs).into();
+                    }
+                    return Ok(Some(ino));
+                }
+                None => {
+                    if let Some(ino) = ns.child(parent, name) {
+                        if ns.get(ino).is_some_and(|i| i.file.is_some()) {
+                            return Ok(Some(ino));
+                        }
+                        ns.detach(ino);
+                    }
+                    ns.mark_absent(parent, name);
+                    return Ok(None);
+                }
             }
         }
     }
@@ -731,21 +746,36 @@ impl Filesystem {
         let name = check_name(name)?;
         let key = self.vacant(parent, &name).await?;
         let attrs = Self::new_attrs(Kind::Dir, mode, umask, uid, gid);
-        self.record(
-            &key,
-            Change::PutDir {
-                attrs: attrs.into(),
-            },
-            false,
-            true,
-        )
-        .await?;
-        let ino = self.ns().upsert(parent, &name, attrs, 0, None);
+        let change = Change::PutDir {
+            attrs: attrs.into(),
+        };
+        let ino = self
+            .add_entry(parent, &name, &key, attrs, 0, change)
+            .await?;
         if let Some(inode) = self.ns().get_mut(ino) {
             inode.listed = true; // New and empty: its listing is known.
         }
         self.count_lookup(ino);
         self.attr(ino)
+    }
+
+    /// Adds a new name to the tree, then records its creation: in that order, so that the
+    /// uploader always finds the inode to tell what the store now holds.
+    async fn add_entry(
+        &self,
+        parent: u64,
+        name: &str,
+        key: &str,
+        attrs: Attrs,
+        size: u64,
+        change: Change,
+    ) -> FsResult<u64> {
+        let ino = self.ns().upsert(parent, name, attrs, size, None);
+        if let Err(err) = self.record(key, change, false, true).await {
+            self.ns().detach(ino);
+            return Err(err);
+        }
+        Ok(ino)
     }
 
     pub async fn symlink(
@@ -767,9 +797,9 @@ impl Filesystem {
             target: target.clone(),
             attrs: attrs.into(),
         };
-        self.record(&key, change, false, true).await?;
-        let size = target.len() as u64;
-        let ino = self.ns().upsert(parent, &name, attrs, size, None);
+        let ino = self
+            .add_entry(parent, &name, &key, attrs, target.len() as u64, change)
+            .await?;
         if let Some(inode) = self.ns().get_mut(ino) {
             inode.target = Some(target);
         }
@@ -965,30 +995,30 @@ impl Filesystem {
         }
         let moved = self.moved_version(source, &source_key).await?;
         let source_in_store = self.ns().get(source).is_some_and(|s| s.remote.is_some());
-        let (from_key, to_key) = (source_key.clone(), target_key.clone());
+        // The tree and the cache index move first, so that the uploader, once the change is
+        // recorded, finds the file under its new name.
+        self.ns().move_to(source, new_parent, &new_name);
+        if let Some(inode) = self.ns().get_mut(source) {
+            inode.ctime = SystemTime::now();
+        }
+        let (cache, from, to) = (self.cache.clone(), source_key.clone(), target_key.clone());
+        blocking(move || cache.rename(&from, &to, false)).await?;
         self.log(move |j| {
             if matches!(moved, Change::Copy { .. }) {
                 // The copy must come before the delete of its source: take the source's
                 // waiting change (its attributes are in the copy) out of the way.
-                j.discard(&from_key)?;
+                j.discard(&source_key)?;
             }
-            j.record(&to_key, moved, target_in_store, SystemTime::now())?;
+            j.record(&target_key, moved, target_in_store, SystemTime::now())?;
             j.record(
-                &from_key,
+                &source_key,
                 Change::Delete,
                 source_in_store,
                 SystemTime::now(),
             )?;
             Ok(())
         })
-        .await?;
-        self.ns().move_to(source, new_parent, &new_name);
-        if let Some(inode) = self.ns().get_mut(source) {
-            inode.ctime = SystemTime::now();
-        }
-        let cache = self.cache.clone();
-        blocking(move || cache.rename(&source_key, &target_key, false)).await?;
-        Ok(())
+        .await
     }
 
     /// What a renamed file becomes at its new key: its local version (contents in a cache file,
@@ -1196,7 +1226,9 @@ impl Filesystem {
     /// cache index, on first use.
     async fn file_data(&self, ino: u64) -> FsResult<Arc<FileData>> {
         let mut registry = self.files.lock().await;
-        let (key, remote, size) = {
+        // Read the inode and the change log together: the uploader records the store's new
+        // version in the inode before it drops the change, so one of the two always tells.
+        let (key, remote, size, pending_file) = {
             let ns = self.ns();
             let inode = ns.get(ino).ok_or(FsError::NotFound)?;
             match inode.kind() {
@@ -1209,18 +1241,15 @@ impl Filesystem {
             if let Some(data) = &inode.file {
                 return Ok(Arc::clone(data));
             }
-            (
-                ns.key(ino).unwrap_or_default(),
-                inode.remote.clone(),
-                inode.size,
-            )
+            let key = ns.key(ino).unwrap_or_default();
+            let pending_file = match self.journal().latest(&key).map(|e| &e.change) {
+                Some(Change::PutFile { cache_file, .. }) => Some(cache_file.clone()),
+                _ => None,
+            };
+            (key, inode.remote.clone(), inode.size, pending_file)
         };
-        let pending_file = match self.journal().latest(&key).map(|e| &e.change) {
-            Some(Change::PutFile { cache_file, .. }) => Some(cache_file.clone()),
-            _ => None,
-        };
-        let (content, size) = match pending_file {
-            Some(cache_name) => {
+        let (content, size) = match (pending_file, remote) {
+            (Some(cache_name), _) => {
                 let cache = self.cache.clone();
                 let name = cache_name.clone();
                 let (file, length) = blocking(move || {
@@ -1243,11 +1272,12 @@ impl Filesystem {
                 };
                 (content, length)
             }
-            None => {
+            (None, Some(remote)) => {
+                let referenced = self.referenced_cache_files();
                 let cache = self.cache.clone();
-                let remote_etag = remote.as_ref().map(|r| r.etag.clone());
+                let etag = remote.etag.clone();
                 let (cache_name, file, present) = blocking(move || match cache.lookup(&key)? {
-                    Some(cached) if Some(&cached.etag) == remote_etag.as_ref() => {
+                    Some(cached) if cached.etag == etag => {
                         let file = cache.open_file(&cached.file)?;
                         let mut present = cached.present;
                         present.truncate(size);
@@ -1257,7 +1287,9 @@ impl Filesystem {
                     stale => {
                         if let Some(stale) = stale {
                             cache.forget(&key)?;
-                            cache.discard_file(&stale.file);
+                            if !referenced.contains(&stale.file) {
+                                cache.discard_file(&stale.file);
+                            }
                         }
                         let (name, file) = cache.new_file()?;
                         Ok((name, file, RangeSet::default()))
@@ -1268,15 +1300,20 @@ impl Filesystem {
                     cache_name,
                     file: Arc::new(file),
                     present,
-                    etag: remote.as_ref().map(|r| r.etag.clone()),
-                    remote_limit: remote.as_ref().map_or(0, |r| r.size.min(size)),
-                    dirty: remote.is_none(),
+                    etag: Some(remote.etag.clone()),
+                    remote_limit: remote.size.min(size),
+                    dirty: false,
                     generation: 0,
                     queued_generation: 0,
                     dirty_since: None,
                     kernel_cached: None,
                 };
                 (content, size)
+            }
+            (None, None) => {
+                return Err(FsError::Io(std::io::Error::other(format!(
+                    "{key} has no contents: none waiting here and none known in the store"
+                ))));
             }
         };
         let name = content.cache_name.clone();

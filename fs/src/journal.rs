@@ -298,8 +298,12 @@ impl Journal {
     /// Whether the store holds `key` as far as the journal knows: the store's answer before the
     /// first pending change, as given by `store_has` (None when the journal has nothing).
     pub fn existed(&self, key: &str) -> Option<bool> {
-        let first = *self.by_key.get(key)?.first()?;
-        self.entries.get(&first).map(|e| e.existed)
+        let seqs = self.by_key.get(key)?;
+        Some(
+            seqs.iter()
+                .filter_map(|s| self.entries.get(s))
+                .any(|e| e.existed),
+        )
     }
 
     /// Records a change of `key`; `store_has` says whether the store holds the key now (used
@@ -317,11 +321,12 @@ impl Journal {
             .by_key
             .get(key)
             .is_some_and(|seqs| seqs.iter().any(|s| self.in_flight.contains(s)));
-        if matches!(change, Change::Delete | Change::DeleteDir) && !existed && !in_flight_pending {
-            // Never reached the store: forget it ever existed.
-            if let Some(seq) = self.replaceable(key) {
-                self.remove(seq)?;
-            }
+        let cancels = matches!(change, Change::Delete | Change::DeleteDir)
+            && self.existed(key) == Some(false)
+            && !in_flight_pending;
+        if cancels && let Some(seq) = self.replaceable(key) {
+            // A create that never reached the store: forget it ever existed.
+            self.remove(seq)?;
             return Ok(None);
         }
         if let Some(seq) = self.replaceable(key) {
@@ -352,6 +357,30 @@ impl Journal {
     pub fn discard(&mut self, key: &str) -> FsResult<()> {
         if let Some(seq) = self.replaceable(key) {
             self.remove(seq)?;
+        }
+        Ok(())
+    }
+
+    /// Notes that an entry is starting to apply: once a put of a key has started, the store may
+    /// hold the key, so a later delete of it must not be cancelled as if it never got there.
+    pub fn mark_started(&mut self, seq: u64) -> FsResult<()> {
+        let Some(key) = self
+            .entries
+            .get(&seq)
+            .filter(|e| e.change.outcome().is_some())
+            .map(|e| e.key.clone())
+        else {
+            return Ok(());
+        };
+        let seqs = self.by_key.get(&key).cloned().unwrap_or_default();
+        for s in seqs {
+            if let Some(entry) = self.entries.get_mut(&s)
+                && !entry.existed
+            {
+                entry.existed = true;
+                let entry = entry.clone();
+                self.write_row(&entry)?;
+            }
         }
         Ok(())
     }

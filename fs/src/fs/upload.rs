@@ -109,6 +109,8 @@ impl Filesystem {
     /// Applies one change to the store.
     async fn apply(&self, entry: &Entry) -> FsResult<Applied> {
         let key = entry.key.as_str();
+        let seq = entry.seq;
+        self.log(move |j| j.mark_started(seq)).await?;
         match &entry.change {
             Change::PutFile { cache_file, attrs } => {
                 let Some((snapshot, size, holder)) = self.snapshot(cache_file).await? else {
