@@ -150,14 +150,32 @@ impl Cache {
                  PRIMARY KEY (file, start)
              );",
         )?;
-        Ok(Self {
+        let cache = Self {
             dir: dir.to_path_buf(),
             index: Arc::new(Mutex::new(index)),
-        })
+        };
+        cache.ensure_reserve();
+        Ok(cache)
     }
 
     fn index(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps a few MiB of the cache disk in a reserve file, released when the disk fills so
+    /// that the change log can still record the deletes that free space.
+    pub fn ensure_reserve(&self) {
+        const RESERVE: usize = 4 << 20;
+        let path = self.dir.join("reserve");
+        let full = fs::metadata(&path).is_ok_and(|m| m.len() == RESERVE as u64);
+        if !full && fs::write(&path, vec![0u8; RESERVE]).is_err() {
+            let _ = fs::remove_file(&path);
+        }
+    }
+
+    /// Gives the reserve back to the disk (it is full).
+    pub fn release_reserve(&self) {
+        let _ = fs::remove_file(self.dir.join("reserve"));
     }
 
     pub fn dir(&self) -> &Path {

@@ -62,6 +62,11 @@ impl FsError {
                 | ErrorKind::Other => libc::EIO,
             },
             Self::Io(err) => err.raw_os_error().unwrap_or(libc::EIO),
+            Self::Index(rusqlite::Error::SqliteFailure(failure, _))
+                if failure.code == rusqlite::ErrorCode::DiskFull =>
+            {
+                libc::ENOSPC
+            }
             Self::Index(_) => libc::EIO,
         }
     }

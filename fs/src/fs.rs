@@ -294,6 +294,10 @@ impl Filesystem {
         let journal = Arc::clone(&self.journal);
         let result =
             blocking(move || work(&mut journal.lock().unwrap_or_else(|p| p.into_inner()))).await;
+        if result.as_ref().is_err_and(|e| e.errno() == libc::ENOSPC) {
+            // The disk is full: free the reserve so that deletes can still be recorded.
+            self.cache.release_reserve();
+        }
         self.wake.notify_one();
         result
     }

@@ -47,10 +47,15 @@ impl Volume {
     }
 
     pub fn mount(spec: &str, extra: &[&str]) -> Volume {
+        Self::mount_with_cache(spec, None, extra)
+    }
+
+    /// Mounts with the cache in `cache_dir` (default: a temporary directory).
+    pub fn mount_with_cache(spec: &str, cache_dir: Option<&Path>, extra: &[&str]) -> Volume {
         require_fuse();
         let dir = tempfile::tempdir().expect("a temporary directory");
         let mountpoint = dir.path().join("mnt");
-        let cache_dir = dir.path().join("cache");
+        let cache_dir = cache_dir.map_or_else(|| dir.path().join("cache"), Path::to_path_buf);
         std::fs::create_dir(&mountpoint).unwrap();
         let mut volume = Volume {
             spec: spec.to_string(),

@@ -113,7 +113,13 @@ impl Filesystem {
         self.log(move |j| j.mark_started(seq)).await?;
         match &entry.change {
             Change::PutFile { cache_file, attrs } => {
-                let Some((snapshot, size, holder)) = self.snapshot(cache_file).await? else {
+                let snapshot = match self.snapshot(cache_file).await {
+                    Err(err) if err.errno() == libc::ENOSPC => {
+                        return self.put_in_place(entry, cache_file, (*attrs).into()).await;
+                    }
+                    other => other?,
+                };
+                let Some((snapshot, size, holder)) = snapshot else {
                     return Ok(Applied::Moot(format!("the cache file of {key} is gone")));
                 };
                 let put = self.put_path(key, &snapshot, size, (*attrs).into()).await;
@@ -232,15 +238,15 @@ impl Filesystem {
                     *count += 1;
                     *count
                 };
-                let permanent = match &err {
-                    FsError::Store(e) => !e.kind().is_retryable(),
-                    _ => false,
+                let (permanent, ceiling) = match &err {
+                    FsError::Store(e) => (!e.kind().is_retryable(), Duration::from_secs(30)),
+                    // Local trouble (a full cache disk) clears as soon as space frees.
+                    _ => (false, Duration::from_secs(2)),
                 };
                 let backoff = if permanent {
-                    Duration::from_secs(30)
+                    ceiling
                 } else {
-                    Duration::from_millis(200 * 2u64.saturating_pow(attempt.min(8)))
-                        .min(Duration::from_secs(30))
+                    Duration::from_millis(200 * 2u64.saturating_pow(attempt.min(8))).min(ceiling)
                 };
                 let message = format!("applying a change of {} to the store: {err}", entry.key);
                 if permanent {
@@ -319,6 +325,43 @@ impl Filesystem {
             }
         };
         Ok(size.map(|size| (target, size, holder)))
+    }
+
+    /// With no room on the cache disk for a snapshot, uploads the cache file itself, holding the
+    /// file still (its writers, or with no one writing, any open) until the store has it.
+    async fn put_in_place(
+        &self,
+        entry: &Entry,
+        cache_file: &str,
+        attrs: Attrs,
+    ) -> FsResult<Applied> {
+        let registry = self.files.lock().await;
+        let holder = registry.get(cache_file).and_then(std::sync::Weak::upgrade);
+        let path = self.cache.path_of(cache_file);
+        let source = path.clone();
+        let Ok(size) = blocking(move || Ok(std::fs::metadata(source)?.len())).await else {
+            return Ok(Applied::Moot(format!(
+                "the cache file of {} is gone",
+                entry.key
+            )));
+        };
+        let (etag, generation) = match &holder {
+            Some(data) => {
+                let content = data.content.lock().await;
+                drop(registry);
+                let etag = self.put_path(&entry.key, &path, size, attrs).await?;
+                (etag, content.generation)
+            }
+            None => {
+                let etag = self.put_path(&entry.key, &path, size, attrs).await?;
+                drop(registry);
+                (etag, 0)
+            }
+        };
+        let holder = holder.map(|data| (data, generation));
+        self.after_put(entry, cache_file, etag, size, holder)
+            .await?;
+        Ok(Applied::Done { bytes: size })
     }
 
     /// Uploads `size` bytes of the file at `path` to `key`: one put, or a multipart upload with
@@ -579,6 +622,11 @@ impl Filesystem {
                 .map(|(name, _)| name.clone()),
         );
         let (cache, limit) = (self.cache.clone(), self.config.cache_size);
-        blocking(move || cache.evict(limit, &keep)).await
+        blocking(move || {
+            cache.evict(limit, &keep)?;
+            cache.ensure_reserve();
+            Ok(())
+        })
+        .await
     }
 }
