@@ -757,7 +757,8 @@ impl Filesystem {
             .add_entry(parent, &name, &key, attrs, 0, change)
             .await?;
         if let Some(inode) = self.ns().get_mut(ino) {
-            inode.listed = true; // New and empty: its listing is known.
+            // New and empty: its listing is known.
+            inode.listed = true;
         }
         self.count_lookup(ino);
         self.attr(ino)
@@ -869,6 +870,9 @@ impl Filesystem {
             (ns.dir_prefix(ino).ok_or(FsError::NotFound)?, inode.listed)
         };
         let mut names: HashMap<String, Kind> = HashMap::new();
+        // Pending changes as they stand before the listing: one the uploader applies while the
+        // listing runs may be missing from both the listing and the log afterwards.
+        let pending_before = self.pending_children(&prefix);
         match self.store.list_all(&prefix, true).await {
             Ok(listed) => {
                 for prefix_entry in &listed.prefixes {
@@ -895,10 +899,12 @@ impl Filesystem {
             }
             Err(err) => return Err(err.into()),
         }
-        for entry in self.journal().children(&prefix) {
-            let name = entry.key[prefix.len()..].to_string();
-            match entry.change.outcome() {
-                Some((kind, _)) => {
+        for (name, kind) in pending_before
+            .into_iter()
+            .chain(self.pending_children(&prefix))
+        {
+            match kind {
+                Some(kind) => {
                     names.insert(name, kind);
                 }
                 None => {
@@ -914,6 +920,19 @@ impl Filesystem {
             }
         }
         Ok(names)
+    }
+
+    /// The pending changes of a directory's entries: a name and what it becomes (None: gone).
+    fn pending_children(&self, prefix: &str) -> Vec<(String, Option<Kind>)> {
+        self.journal()
+            .children(prefix)
+            .map(|e| {
+                (
+                    e.key[prefix.len()..].to_string(),
+                    e.change.outcome().map(|(kind, _)| kind),
+                )
+            })
+            .collect()
     }
 
     pub async fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
@@ -1127,6 +1146,7 @@ impl Filesystem {
 
     /// Lists a directory once, at open; reads of the handle page through that listing.
     pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let started = Instant::now();
         let names = self.entries_of(ino).await?;
         let mut entries: Vec<DirEntry> = stream::iter(names)
             .map(|(name, _)| async move {
@@ -1146,10 +1166,16 @@ impl Filesystem {
             let mut ns = self.ns();
             let listed: std::collections::HashSet<&str> =
                 entries.iter().map(|e| e.name.as_str()).collect();
+            // Only what the mount knew before the listing started: a name made or changed here
+            // meanwhile stays.
             let gone: Vec<u64> = ns
                 .children(ino)
                 .filter(|(name, _)| !listed.contains(name.as_str()))
                 .map(|(_, child)| child)
+                .filter(|child| {
+                    ns.get(*child)
+                        .is_some_and(|c| c.file.is_none() && c.checked < started)
+                })
                 .collect();
             for child in gone {
                 ns.detach(child);

@@ -16,7 +16,7 @@ use fuser::{
 use tracing::{Instrument, debug_span};
 
 use crate::attrs::Kind;
-use crate::error::FsError;
+use crate::error::{FsError, FsResult};
 use crate::fs::{Attr, Filesystem, SetAttrs};
 
 /// The FUSE face of a [`Filesystem`].
@@ -51,6 +51,27 @@ fn errno(err: &FsError) -> Errno {
         tracing::warn!("{err}");
     }
     Errno::from_i32(err.errno())
+}
+
+fn answer_empty(reply: ReplyEmpty, result: FsResult<()>) {
+    match result {
+        Ok(()) => reply.ok(),
+        Err(err) => reply.error(errno(&err)),
+    }
+}
+
+fn answer_entry(reply: ReplyEntry, ttl: &Duration, result: FsResult<Attr>) {
+    match result {
+        Ok(attr) => reply.entry(ttl, &file_attr(&attr), Generation(0)),
+        Err(err) => reply.error(errno(&err)),
+    }
+}
+
+fn answer_attr(reply: ReplyAttr, ttl: &Duration, result: FsResult<Attr>) {
+    match result {
+        Ok(attr) => reply.attr(ttl, &file_attr(&attr)),
+        Err(err) => reply.error(errno(&err)),
+    }
 }
 
 fn file_attr(attr: &Attr) -> FileAttr {
@@ -104,10 +125,7 @@ impl fuser::Filesystem for FuseAdapter {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let (name, ttl) = (name.to_owned(), self.ttl());
         self.spawn("lookup", move |fs| async move {
-            match fs.lookup(parent.0, &name).await {
-                Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
-                Err(err) => reply.error(errno(&err)),
-            }
+            answer_entry(reply, &ttl, fs.lookup(parent.0, &name).await)
         });
     }
 
@@ -118,10 +136,7 @@ impl fuser::Filesystem for FuseAdapter {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let ttl = self.ttl();
         self.spawn("getattr", move |fs| async move {
-            match fs.getattr(ino.0).await {
-                Ok(attr) => reply.attr(&ttl, &file_attr(&attr)),
-                Err(err) => reply.error(errno(&err)),
-            }
+            answer_attr(reply, &ttl, fs.getattr(ino.0).await)
         });
     }
 
@@ -152,10 +167,7 @@ impl fuser::Filesystem for FuseAdapter {
         };
         let ttl = self.ttl();
         self.spawn("setattr", move |fs| async move {
-            match fs.setattr(ino.0, changes).await {
-                Ok(attr) => reply.attr(&ttl, &file_attr(&attr)),
-                Err(err) => reply.error(errno(&err)),
-            }
+            answer_attr(reply, &ttl, fs.setattr(ino.0, changes).await)
         });
     }
 
@@ -180,10 +192,11 @@ impl fuser::Filesystem for FuseAdapter {
     ) {
         let (name, ttl, uid, gid) = (name.to_owned(), self.ttl(), req.uid(), req.gid());
         self.spawn("mknod", move |fs| async move {
-            match fs.mknod(parent.0, &name, mode, umask, uid, gid).await {
-                Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
-                Err(err) => reply.error(errno(&err)),
-            }
+            answer_entry(
+                reply,
+                &ttl,
+                fs.mknod(parent.0, &name, mode, umask, uid, gid).await,
+            )
         });
     }
 
@@ -198,30 +211,25 @@ impl fuser::Filesystem for FuseAdapter {
     ) {
         let (name, ttl, uid, gid) = (name.to_owned(), self.ttl(), req.uid(), req.gid());
         self.spawn("mkdir", move |fs| async move {
-            match fs.mkdir(parent.0, &name, mode, umask, uid, gid).await {
-                Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
-                Err(err) => reply.error(errno(&err)),
-            }
+            answer_entry(
+                reply,
+                &ttl,
+                fs.mkdir(parent.0, &name, mode, umask, uid, gid).await,
+            )
         });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
         self.spawn("unlink", move |fs| async move {
-            match fs.unlink(parent.0, &name).await {
-                Ok(()) => reply.ok(),
-                Err(err) => reply.error(errno(&err)),
-            }
+            answer_empty(reply, fs.unlink(parent.0, &name).await)
         });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
         self.spawn("rmdir", move |fs| async move {
-            match fs.rmdir(parent.0, &name).await {
-                Ok(()) => reply.ok(),
-                Err(err) => reply.error(errno(&err)),
-            }
+            answer_empty(reply, fs.rmdir(parent.0, &name).await)
         });
     }
 
@@ -236,10 +244,11 @@ impl fuser::Filesystem for FuseAdapter {
         let (name, target) = (link_name.to_owned(), target.as_os_str().to_owned());
         let (ttl, uid, gid) = (self.ttl(), req.uid(), req.gid());
         self.spawn("symlink", move |fs| async move {
-            match fs.symlink(parent.0, &name, &target, uid, gid).await {
-                Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
-                Err(err) => reply.error(errno(&err)),
-            }
+            answer_entry(
+                reply,
+                &ttl,
+                fs.symlink(parent.0, &name, &target, uid, gid).await,
+            )
         });
     }
 
@@ -342,10 +351,7 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         self.spawn("flush", move |fs| async move {
-            match fs.flush(fh.0).await {
-                Ok(()) => reply.ok(),
-                Err(err) => reply.error(errno(&err)),
-            }
+            answer_empty(reply, fs.flush(fh.0).await)
         });
     }
 
@@ -360,10 +366,7 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         self.spawn("release", move |fs| async move {
-            match fs.release(fh.0).await {
-                Ok(()) => reply.ok(),
-                Err(err) => reply.error(errno(&err)),
-            }
+            answer_empty(reply, fs.release(fh.0).await)
         });
     }
 
@@ -376,10 +379,7 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         self.spawn("fsync", move |fs| async move {
-            match fs.fsync(fh.0).await {
-                Ok(()) => reply.ok(),
-                Err(err) => reply.error(errno(&err)),
-            }
+            answer_empty(reply, fs.fsync(fh.0).await)
         });
     }
 

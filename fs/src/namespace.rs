@@ -40,7 +40,7 @@ pub struct Inode {
     pub target: Option<String>,
     /// The open state of a file's contents, while it is open or changed.
     pub file: Option<Arc<crate::fs::FileData>>,
-    /// A directory whose children this mount has listed in full.
+    /// A directory whose children this mount has listed in full (at least once).
     pub listed: bool,
 }
 
