@@ -61,8 +61,9 @@ SOURCE=$(ls ~/.cargo/registry/cache/*/aws-sdk-s3-*.crate | head -1)
 rows=()
 run() { # name, command (with DIR placeholder)
     local name=$1 command=$2 t0 t1 t2 t3 t4 local_time cairn_time drain_time
-    t0=$(now); eval "${command//DIR/$LOCAL}"; t1=$(now)
-    t2=$(now); eval "${command//DIR/$MNT}"; t3=$(now)
+    # Each timed run starts with no dirty pages left over from the one before.
+    sync; t0=$(now); eval "${command//DIR/$LOCAL}"; t1=$(now)
+    sync; t2=$(now); eval "${command//DIR/$MNT}"; t3=$(now)
     "$CAIRN" flush "$MNT" >/dev/null; t4=$(now)
     local_time=$(elapsed "$t0" "$t1"); cairn_time=$(elapsed "$t2" "$t3"); drain_time=$(elapsed "$t2" "$t4")
     rows+=("| $name | $local_time s | $cairn_time s | $(ratio "$cairn_time" "$local_time") | $drain_time s |")
