@@ -473,7 +473,12 @@ impl Filesystem {
                 if self.trusted(ns.get(ino).expect("live child")) {
                     return Ok(Some(ino));
                 }
-            } else if ns.known_absent(parent, name, self.config.metadata_ttl) {
+            } else if ns.known_absent(parent, name, self.config.metadata_ttl)
+                || ns
+                    .get(parent)
+                    .and_then(|p| p.listed_at)
+                    .is_some_and(|at| at.elapsed() < self.config.metadata_ttl)
+            {
                 return Ok(None);
             }
             key
@@ -759,6 +764,7 @@ impl Filesystem {
         if let Some(inode) = self.ns().get_mut(ino) {
             // New and empty: its listing is known.
             inode.listed = true;
+            inode.listed_at = Some(Instant::now());
         }
         self.count_lookup(ino);
         self.attr(ino)

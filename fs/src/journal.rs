@@ -427,9 +427,21 @@ impl Journal {
         Ok(())
     }
 
-    /// Drops a pending entry (applied, or cancelled).
+    /// Drops a pending entry (applied, or cancelled), on disk and in memory.
     pub fn remove(&mut self, seq: u64) -> FsResult<()> {
         self.delete_row(seq)?;
+        self.forget(seq);
+        Ok(())
+    }
+
+    /// Drops an applied entry from disk only; [`Journal::forget`] then drops it from memory
+    /// (the caller does that together with updating what it knows of the store).
+    pub fn remove_row(&mut self, seq: u64) -> FsResult<()> {
+        self.delete_row(seq)
+    }
+
+    /// Drops an entry from memory.
+    pub fn forget(&mut self, seq: u64) {
         self.in_flight.remove(&seq);
         if let Some(entry) = self.entries.remove(&seq)
             && let Some(seqs) = self.by_key.get_mut(&entry.key)
@@ -439,7 +451,6 @@ impl Journal {
                 self.by_key.remove(&entry.key);
             }
         }
-        Ok(())
     }
 
     /// Entries that may start now: due, not started, and with no earlier related entry still

@@ -42,6 +42,8 @@ pub struct Inode {
     pub file: Option<Arc<crate::fs::FileData>>,
     /// A directory whose children this mount has listed in full (at least once).
     pub listed: bool,
+    /// When it last did (or made the directory itself).
+    pub listed_at: Option<Instant>,
 }
 
 impl Inode {
@@ -77,6 +79,7 @@ impl Namespace {
             target: None,
             file: None,
             listed: false,
+            listed_at: None,
         };
         Self {
             inodes: HashMap::from([(ROOT, root)]),
@@ -187,6 +190,7 @@ impl Namespace {
             target: None,
             file: None,
             listed: false,
+            listed_at: None,
         };
         if attrs.kind() == Kind::Dir {
             self.children.insert(ino, BTreeMap::new());

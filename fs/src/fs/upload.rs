@@ -52,6 +52,8 @@ pub struct Pending {
 enum Applied {
     Done {
         bytes: u64,
+        /// What the store now holds at the key, for the inode there.
+        stored: Option<(Kind, ETag, u64)>,
     },
     /// Nothing to apply any more (its file or source is gone); said why.
     Moot(String),
@@ -126,9 +128,12 @@ impl Filesystem {
                 let path = snapshot.clone();
                 let _ = blocking(move || Ok(std::fs::remove_file(path)?)).await;
                 let etag = put?;
-                self.after_put(entry, cache_file, etag, size, holder)
+                self.after_put(entry, cache_file, etag.clone(), size, holder)
                     .await?;
-                Ok(Applied::Done { bytes: size })
+                Ok(Applied::Done {
+                    bytes: size,
+                    stored: Some((Kind::File, etag, size)),
+                })
             }
             Change::PutDir { attrs } => {
                 let attrs: Attrs = (*attrs).into();
@@ -141,8 +146,11 @@ impl Filesystem {
                         PutOptions::with_metadata(attrs.encode()),
                     )
                     .await?;
-                self.remember_remote(key, Kind::Dir, put.etag, 0);
-                Ok(Applied::Done { bytes: 0 })
+                self.remember_remote(key, Kind::Dir, put.etag.clone(), 0);
+                Ok(Applied::Done {
+                    bytes: 0,
+                    stored: Some((Kind::Dir, put.etag, 0)),
+                })
             }
             Change::PutSymlink { target, attrs } => {
                 let attrs: Attrs = (*attrs).into();
@@ -151,9 +159,11 @@ impl Filesystem {
                     .store
                     .put(key, body, PutOptions::with_metadata(attrs.encode()))
                     .await?;
-                self.remember_remote(key, Kind::Symlink, put.etag, target.len() as u64);
+                let length = target.len() as u64;
+                self.remember_remote(key, Kind::Symlink, put.etag.clone(), length);
                 Ok(Applied::Done {
-                    bytes: target.len() as u64,
+                    bytes: length,
+                    stored: Some((Kind::Symlink, put.etag, length)),
                 })
             }
             Change::Copy {
@@ -165,9 +175,12 @@ impl Filesystem {
                 let attrs: Attrs = (*attrs).into();
                 match self.store.copy(from, key, Some(attrs.encode())).await {
                     Ok(put) => {
-                        self.after_copy(key, &ETag(etag.clone()), put.etag, *size)
+                        self.after_copy(key, &ETag(etag.clone()), put.etag.clone(), *size)
                             .await?;
-                        Ok(Applied::Done { bytes: 0 })
+                        Ok(Applied::Done {
+                            bytes: 0,
+                            stored: Some((Kind::File, put.etag, *size)),
+                        })
                     }
                     Err(err) if err.kind() == ErrorKind::NotFound => Ok(Applied::Moot(format!(
                         "{from}, renamed to {key}, is gone from the store"
@@ -193,7 +206,10 @@ impl Filesystem {
                     }
                 };
                 match result {
-                    Ok(_) => Ok(Applied::Done { bytes: 0 }),
+                    Ok(_) => Ok(Applied::Done {
+                        bytes: 0,
+                        stored: None,
+                    }),
                     Err(err) if err.kind() == ErrorKind::NotFound => {
                         Ok(Applied::Moot(format!("{key} is gone from the store")))
                     }
@@ -202,11 +218,17 @@ impl Filesystem {
             }
             Change::Delete => {
                 self.store.delete(key).await?;
-                Ok(Applied::Done { bytes: 0 })
+                Ok(Applied::Done {
+                    bytes: 0,
+                    stored: None,
+                })
             }
             Change::DeleteDir => {
                 self.store.delete(&format!("{key}/")).await?;
-                Ok(Applied::Done { bytes: 0 })
+                Ok(Applied::Done {
+                    bytes: 0,
+                    stored: None,
+                })
             }
         }
     }
@@ -219,15 +241,36 @@ impl Filesystem {
                 if let Applied::Moot(why) = &applied {
                     tracing::warn!("dropping a change of {}: {why}", entry.key);
                 }
-                if let Err(err) = self.log(move |j| j.remove(seq)).await {
+                if let Err(err) = self.log(move |j| j.remove_row(seq)).await {
                     tracing::error!("could not remove an applied change from the log: {err}");
+                }
+                {
+                    // Out of the log and into the inode at once (under the tree's lock), so that
+                    // anyone reading both sees the change pending or the store's new version.
+                    let mut ns = self.ns();
+                    self.journal().forget(seq);
+                    if let Applied::Done {
+                        stored: Some((kind, etag, size)),
+                        ..
+                    } = &applied
+                        && let Some(ino) = ns.find(&entry.key)
+                        && let Some(inode) = ns.get_mut(ino)
+                        && inode.kind() == *kind
+                        && self.journal().latest(&entry.key).is_none()
+                    {
+                        inode.remote = Some(Remote {
+                            etag: etag.clone(),
+                            size: *size,
+                        });
+                        inode.checked = Instant::now();
+                    }
                 }
                 self.attempts().remove(&seq);
                 let mut status = self.status();
                 status.failing = false;
                 status.permanent = false;
                 status.applied_changes += 1;
-                if let Applied::Done { bytes } = applied {
+                if let Applied::Done { bytes, .. } = applied {
                     status.uploaded_bytes += bytes;
                 }
             }
@@ -359,9 +402,13 @@ impl Filesystem {
             }
         };
         let holder = holder.map(|data| (data, generation));
+        let etag_for_inode = etag.clone();
         self.after_put(entry, cache_file, etag, size, holder)
             .await?;
-        Ok(Applied::Done { bytes: size })
+        Ok(Applied::Done {
+            bytes: size,
+            stored: Some((Kind::File, etag_for_inode, size)),
+        })
     }
 
     /// Uploads `size` bytes of the file at `path` to `key`: one put, or a multipart upload with
