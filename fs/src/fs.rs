@@ -1261,6 +1261,10 @@ impl Filesystem {
     /// The open state of a file's contents: from a pending change's cache file, or from the
     /// cache index, on first use.
     async fn file_data(&self, ino: u64) -> FsResult<Arc<FileData>> {
+        // The common case, on every read and write: the file is already open here.
+        if let Some(data) = self.ns().get(ino).and_then(|i| i.file.clone()) {
+            return Ok(data);
+        }
         let mut registry = self.files.lock().await;
         // Read the inode and the change log together: the uploader records the store's new
         // version in the inode before it drops the change, so one of the two always tells.
@@ -1587,13 +1591,15 @@ impl Filesystem {
     }
 
     /// Marks the contents changed locally: the index stops describing them.
-    async fn make_dirty(&self, key: &str, content: &mut Content, size: u64) -> FsResult<()> {
+    async fn make_dirty(&self, ino: u64, content: &mut Content, size: u64) -> FsResult<()> {
         if !content.dirty {
-            self.materialize(key, content, size).await?;
+            // An unlinked file still open has no key, and nothing left to fetch.
+            let key = self.key_of(ino).unwrap_or_default();
+            self.materialize(&key, content, size).await?;
             content.dirty = true;
             content.remote_limit = 0;
             content.present = RangeSet::full(size);
-            let (cache, key) = (self.cache.clone(), key.to_string());
+            let cache = self.cache.clone();
             blocking(move || cache.forget(&key)).await?;
         }
         content.generation += 1;
@@ -1655,16 +1661,22 @@ impl Filesystem {
         let ino = self.handle_ino(fh)?;
         self.wait_for_room().await;
         let data = self.file_data(ino).await?;
-        let key = self.key_of(ino).unwrap_or_default();
         let mut content = data.content.lock().await;
         let size = data.size.load(Ordering::Acquire);
-        self.make_dirty(&key, &mut content, size).await?;
+        self.make_dirty(ino, &mut content, size).await?;
         let (file, owned, len) = (
             Arc::clone(&content.file),
             bytes.to_vec(),
             bytes.len() as u64,
         );
-        blocking(move || Ok(file.write_all_at(&owned, offset)?)).await?;
+        let written = blocking(move || Ok(file.write_all_at(&owned, offset)?)).await;
+        if let Err(err) = written {
+            if err.errno() == libc::ENOSPC {
+                // The disk is full: free the reserve so that deletes can still be recorded.
+                self.cache.release_reserve();
+            }
+            return Err(err);
+        }
         let new_size = size.max(offset + len);
         content.present.insert(0..new_size);
         data.size.store(new_size, Ordering::Release);
@@ -1680,12 +1692,11 @@ impl Filesystem {
 
     async fn truncate(&self, ino: u64, new_size: u64) -> FsResult<()> {
         let data = self.file_data(ino).await?;
-        let key = self.key_of(ino).unwrap_or_default();
         let mut content = data.content.lock().await;
         let size = data.size.load(Ordering::Acquire);
         // Only the bytes that survive need fetching.
         content.remote_limit = content.remote_limit.min(new_size);
-        self.make_dirty(&key, &mut content, new_size.min(size))
+        self.make_dirty(ino, &mut content, new_size.min(size))
             .await?;
         let file = Arc::clone(&content.file);
         blocking(move || Ok(file.set_len(new_size)?)).await?;
