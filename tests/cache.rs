@@ -147,15 +147,17 @@ fn a_full_cache_disk_gives_enospc_loses_nothing_and_recovers() {
         );
     }
 
-    // Deleting a file frees its space; writing works again.
-    let freed = written.pop().unwrap();
-    fs::remove_file(volume.path(&format!("f{freed}"))).unwrap();
-    let _ = fs::remove_file(volume.path(&format!("f{}", written.len())));
+    // Deleting files frees their space; writing works again.
+    let deleted: Vec<u8> = written.split_off(3);
+    for &i in &deleted {
+        fs::remove_file(volume.path(&format!("f{i}"))).unwrap();
+    }
+    let _ = fs::remove_file(volume.path(&format!("f{}", written.len() + deleted.len())));
+    std::thread::sleep(Duration::from_secs(1));
     fs::write(volume.path("after"), body(99, 1 << 20)).unwrap();
-    assert_eq!(
-        errno(fs::read(volume.path(&format!("f{freed}")))),
-        libc::ENOENT
-    );
+    for &i in &deleted {
+        assert_eq!(errno(fs::read(volume.path(&format!("f{i}")))), libc::ENOENT);
+    }
 
     // The store comes back: every closed file reaches it.
     relay.resume();
@@ -172,6 +174,11 @@ fn a_full_cache_disk_gives_enospc_loses_nothing_and_recovers() {
         store.get(&volume.key("after")).unwrap().1,
         body(99, 1 << 20)
     );
-    assert!(store.get(&volume.key(&format!("f{freed}"))).is_none());
+    for &i in &deleted {
+        assert!(
+            store.get(&volume.key(&format!("f{i}"))).is_none(),
+            "deleted f{i} never reached the store"
+        );
+    }
     volume.stop();
 }

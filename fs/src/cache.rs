@@ -150,32 +150,28 @@ impl Cache {
                  PRIMARY KEY (file, start)
              );",
         )?;
-        let cache = Self {
+        Ok(Self {
             dir: dir.to_path_buf(),
             index: Arc::new(Mutex::new(index)),
-        };
-        cache.ensure_reserve();
-        Ok(cache)
+        })
     }
 
     fn index(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Keeps a few MiB of the cache disk in a reserve file, released when the disk fills so
-    /// that the change log can still record the deletes that free space.
-    pub fn ensure_reserve(&self) {
-        const RESERVE: usize = 4 << 20;
-        let path = self.dir.join("reserve");
-        let full = fs::metadata(&path).is_ok_and(|m| m.len() == RESERVE as u64);
-        if !full && fs::write(&path, vec![0u8; RESERVE]).is_err() {
-            let _ = fs::remove_file(&path);
-        }
+    /// Whether the cache disk can take `bytes` more file data and still keep the margin the
+    /// change log and the index need (so that the deletes that free space can be recorded).
+    pub fn room_for(&self, bytes: u64) -> bool {
+        const MARGIN: u64 = 2 << 20;
+        free_bytes(&self.dir).is_none_or(|free| free >= bytes + MARGIN)
     }
 
-    /// Gives the reserve back to the disk (it is full).
-    pub fn release_reserve(&self) {
-        let _ = fs::remove_file(self.dir.join("reserve"));
+    /// Whether the cache disk has room for a copy of `file` and then some (else an upload goes
+    /// from the cache file itself rather than from a snapshot).
+    pub fn room_for_copy_of(&self, file: &str) -> bool {
+        let size = fs::metadata(self.path_of(file)).map_or(0, |m| m.len());
+        free_bytes(&self.dir).is_none_or(|free| free >= 2 * size + (16 << 20))
     }
 
     pub fn dir(&self) -> &Path {
@@ -377,6 +373,16 @@ impl Cache {
         }
         Ok(())
     }
+}
+
+/// Free bytes on the filesystem that holds `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: a zeroed statvfs is a valid out-parameter, and the path is a valid C string.
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut stats) };
+    (rc == 0).then(|| stats.f_bavail * stats.f_frsize)
 }
 
 fn now_seconds() -> f64 {

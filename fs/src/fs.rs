@@ -294,10 +294,6 @@ impl Filesystem {
         let journal = Arc::clone(&self.journal);
         let result =
             blocking(move || work(&mut journal.lock().unwrap_or_else(|p| p.into_inner()))).await;
-        if result.as_ref().is_err_and(|e| e.errno() == libc::ENOSPC) {
-            // The disk is full: free the reserve so that deletes can still be recorded.
-            self.cache.release_reserve();
-        }
         self.wake.notify_one();
         result
     }
@@ -858,6 +854,9 @@ impl Filesystem {
         if let Some(data) = data
             && !keep
         {
+            if let Some(inode) = self.ns().get_mut(ino) {
+                inode.file = None; // Unlinked and closed: its contents go.
+            }
             self.drop_cache_file_if_unused(&data).await;
         }
         Ok(())
@@ -1661,6 +1660,11 @@ impl Filesystem {
         let ino = self.handle_ino(fh)?;
         self.wait_for_room().await;
         let data = self.file_data(ino).await?;
+        let (cache, wanted) = (self.cache.clone(), bytes.len() as u64);
+        if !blocking(move || Ok(cache.room_for(wanted))).await? {
+            // Full, but for the margin the change log needs to record deletes that free space.
+            return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::ENOSPC)));
+        }
         let mut content = data.content.lock().await;
         let size = data.size.load(Ordering::Acquire);
         self.make_dirty(ino, &mut content, size).await?;
@@ -1669,14 +1673,7 @@ impl Filesystem {
             bytes.to_vec(),
             bytes.len() as u64,
         );
-        let written = blocking(move || Ok(file.write_all_at(&owned, offset)?)).await;
-        if let Err(err) = written {
-            if err.errno() == libc::ENOSPC {
-                // The disk is full: free the reserve so that deletes can still be recorded.
-                self.cache.release_reserve();
-            }
-            return Err(err);
-        }
+        blocking(move || Ok(file.write_all_at(&owned, offset)?)).await?;
         let new_size = size.max(offset + len);
         content.present.insert(0..new_size);
         data.size.store(new_size, Ordering::Release);

@@ -70,10 +70,14 @@ impl Filesystem {
         let in_flight = Arc::new(AtomicUsize::new(0));
         let mut last_tick = Instant::now();
         loop {
-            let room = self
-                .config
-                .uploads_in_flight
-                .saturating_sub(in_flight.load(Ordering::Acquire));
+            // While the store is failing, one change at a time probes it: no point in eight
+            // snapshots and eight failures at once.
+            let limit = if self.status().failing {
+                1
+            } else {
+                self.config.uploads_in_flight
+            };
+            let room = limit.saturating_sub(in_flight.load(Ordering::Acquire));
             let batch = if room > 0 {
                 self.journal().take_runnable(SystemTime::now(), room)
             } else {
@@ -115,6 +119,10 @@ impl Filesystem {
         self.log(move |j| j.mark_started(seq)).await?;
         match &entry.change {
             Change::PutFile { cache_file, attrs } => {
+                let (cache, name) = (self.cache.clone(), cache_file.clone());
+                if !blocking(move || Ok(cache.room_for_copy_of(&name))).await? {
+                    return self.put_in_place(entry, cache_file, (*attrs).into()).await;
+                }
                 let snapshot = match self.snapshot(cache_file).await {
                     Err(err) if err.errno() == libc::ENOSPC => {
                         return self.put_in_place(entry, cache_file, (*attrs).into()).await;
@@ -303,10 +311,43 @@ impl Filesystem {
                     status.failing = true;
                     status.permanent = permanent;
                 }
-                self.journal().retry_later(seq, SystemTime::now() + backoff);
+                // A newer put or delete of the same key covers a change that failed: drop it
+                // (and its cache file, if nothing else needs it) instead of retrying.
+                let covered = self.journal().latest(&entry.key).is_some_and(|newer| {
+                    newer.seq != seq
+                        && matches!(
+                            newer.change,
+                            Change::PutFile { .. }
+                                | Change::PutSymlink { .. }
+                                | Change::Copy { .. }
+                                | Change::Delete
+                        )
+                });
+                if covered {
+                    if let Err(err) = self.log(move |j| j.remove(seq)).await {
+                        tracing::error!("could not drop a covered change from the log: {err}");
+                    }
+                    if let Change::PutFile { cache_file, .. } = &entry.change {
+                        self.discard_if_unneeded(cache_file).await;
+                    }
+                } else {
+                    self.journal().retry_later(seq, SystemTime::now() + backoff);
+                }
             }
         }
         self.progress.notify_waiters();
+    }
+
+    /// Deletes a cache file that no pending change names and no open file uses.
+    async fn discard_if_unneeded(&self, cache_file: &str) {
+        let registry = self.files.lock().await;
+        let open = registry
+            .get(cache_file)
+            .and_then(std::sync::Weak::upgrade)
+            .is_some_and(|data| data.opens.load(Ordering::Acquire) > 0);
+        if !open && !self.referenced_cache_files().contains(cache_file) {
+            self.cache.discard_file(cache_file);
+        }
     }
 
     fn attempts(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, u32>> {
@@ -579,7 +620,10 @@ impl Filesystem {
                 self.queue_upload(&data, false).await?;
             }
         }
-        self.log(|j| j.hurry_all()).await?;
+        if let Err(err) = self.log(|j| j.hurry_all()).await {
+            // A full cache disk: the changes still go, after their write-back delay.
+            tracing::warn!("could not make every change due now: {err}");
+        }
         let deadline = limit.map(|l| Instant::now() + l);
         loop {
             let notified = self.progress.notified();
@@ -669,11 +713,6 @@ impl Filesystem {
                 .map(|(name, _)| name.clone()),
         );
         let (cache, limit) = (self.cache.clone(), self.config.cache_size);
-        blocking(move || {
-            cache.evict(limit, &keep)?;
-            cache.ensure_reserve();
-            Ok(())
-        })
-        .await
+        blocking(move || cache.evict(limit, &keep)).await
     }
 }
