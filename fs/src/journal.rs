@@ -125,6 +125,19 @@ impl Change {
         }
     }
 
+    /// Whether the change is about a directory's marker object rather than a file's object.
+    pub fn is_marker(&self) -> bool {
+        matches!(
+            self,
+            Self::PutDir { .. }
+                | Self::DeleteDir
+                | Self::SetAttrs {
+                    kind: StoredKind::Dir,
+                    ..
+                }
+        )
+    }
+
     fn with_attrs(&self, new: StoredAttrs) -> Change {
         let mut changed = self.clone();
         match &mut changed {
@@ -324,12 +337,19 @@ impl Journal {
         let cancels = matches!(change, Change::Delete | Change::DeleteDir)
             && self.existed(key) == Some(false)
             && !in_flight_pending;
-        if cancels && let Some(seq) = self.replaceable(key) {
+        let same_kind = |seq: &u64| {
+            self.entries
+                .get(seq)
+                .is_some_and(|e| e.change.is_marker() == change.is_marker())
+        };
+        if cancels && let Some(seq) = self.replaceable(key).filter(same_kind) {
             // A create that never reached the store: forget it ever existed.
             self.remove(seq)?;
             return Ok(None);
         }
-        if let Some(seq) = self.replaceable(key) {
+        // In place only over a change of the same store object: a directory's marker (`key/`)
+        // and a file's object (`key`) are different objects, so neither replaces the other.
+        if let Some(seq) = self.replaceable(key).filter(same_kind) {
             let entry = self.entries.get_mut(&seq).expect("indexed entries exist");
             entry.change = change;
             // The earlier due time stands: repeated closes do not postpone an upload.
