@@ -13,15 +13,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{Direct, Volume, errno};
-
-fn key_of(volume: &Volume, relative: &str) -> String {
-    volume.key(relative)
-}
-
-fn direct(volume: &Volume) -> Direct {
-    volume.direct()
-}
+use common::{Volume, errno};
 
 fn read(path: &Path) -> Vec<u8> {
     fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
@@ -33,8 +25,9 @@ fn files_round_trip_and_reach_the_store_with_attributes() {
     fs::write(volume.path("hello.txt"), b"hello, cairn\n").unwrap();
     assert_eq!(read(&volume.path("hello.txt")), b"hello, cairn\n");
     volume.flush();
-    let (metadata, body) = direct(&volume)
-        .get(&key_of(&volume, "hello.txt"))
+    let (metadata, body) = volume
+        .direct()
+        .get(&volume.key("hello.txt"))
         .expect("the object");
     assert_eq!(body, b"hello, cairn\n");
     let mode: u32 = metadata["mode"].parse().unwrap();
@@ -69,7 +62,7 @@ fn overwrite_in_the_middle_append_and_o_append() {
     assert_eq!(read(&path), b"012XY56789++!");
     volume.flush();
     assert_eq!(
-        direct(&volume).get(&key_of(&volume, "f")).unwrap().1,
+        volume.direct().get(&volume.key("f")).unwrap().1,
         b"012XY56789++!"
     );
 }
@@ -96,7 +89,7 @@ fn o_trunc_and_o_excl() {
         .unwrap();
     assert_eq!(fs::metadata(&path).unwrap().len(), 0);
     volume.flush();
-    assert_eq!(direct(&volume).get(&key_of(&volume, "f")).unwrap().1, b"");
+    assert_eq!(volume.direct().get(&volume.key("f")).unwrap().1, b"");
 }
 
 #[test]
@@ -140,13 +133,13 @@ fn fsync_makes_the_data_durable_in_the_store_while_the_file_stays_open() {
     file.write_all(b"committed").unwrap();
     file.sync_all().unwrap();
     assert_eq!(
-        direct(&volume).get(&key_of(&volume, "journal")).unwrap().1,
+        volume.direct().get(&volume.key("journal")).unwrap().1,
         b"committed"
     );
     file.write_all(b" and more").unwrap();
     file.sync_data().unwrap();
     assert_eq!(
-        direct(&volume).get(&key_of(&volume, "journal")).unwrap().1,
+        volume.direct().get(&volume.key("journal")).unwrap().1,
         b"committed and more"
     );
 }
@@ -165,7 +158,7 @@ fn unlink_mkdir_rmdir_and_their_errors() {
     fs::remove_file(volume.path("d/f")).unwrap();
     assert!(!volume.path("d/f").exists());
     volume.flush();
-    assert_eq!(direct(&volume).get(&key_of(&volume, "d/f")), None);
+    assert_eq!(volume.direct().get(&volume.key("d/f")), None);
     // An empty directory persists (its marker), and goes with rmdir.
     fs::create_dir(volume.path("empty")).unwrap();
     volume.remount_cold(&[]);
@@ -174,7 +167,7 @@ fn unlink_mkdir_rmdir_and_their_errors() {
     fs::remove_dir(volume.path("d")).unwrap();
     assert!(!volume.path("d").exists());
     volume.flush();
-    assert!(direct(&volume).keys(&key_of(&volume, "d/")).is_empty());
+    assert!(volume.direct().keys(&volume.key("d/")).is_empty());
 }
 
 fn renameat2(from: &Path, to: &Path, flags: u32) -> std::io::Result<()> {
@@ -250,9 +243,9 @@ fn rename_files_and_directories() {
     assert_eq!(read(&volume.path("moved/deep/er/two")), b"2");
     assert!(volume.path("moved/deep/er").is_dir());
     assert!(!volume.path("a").exists());
-    let store = direct(&volume);
+    let store = volume.direct();
     assert!(
-        store.keys(&key_of(&volume, "a/")).is_empty(),
+        store.keys(&volume.key("a/")).is_empty(),
         "the old tree is gone from the store"
     );
     assert_eq!(read(&volume.path("b/five")), b"4");
@@ -309,7 +302,7 @@ fn chmod_chown_and_utimens_persist() {
         fs::metadata(volume.path("dir")).unwrap().mode() & 0o7777,
         0o750
     );
-    let (metadata, _) = direct(&volume).get(&key_of(&volume, "owned")).unwrap();
+    let (metadata, _) = volume.direct().get(&volume.key("owned")).unwrap();
     assert_eq!(
         metadata["mode"],
         (0o100640).to_string(),
@@ -396,9 +389,9 @@ fn hard_links_and_special_files_are_not_supported() {
 #[test]
 fn large_directories_list_fully() {
     let volume = Volume::new(&[]);
-    let store = direct(&volume);
+    let store = volume.direct();
     let keys: Vec<String> = (0..2500)
-        .map(|i| key_of(&volume, &format!("big/f{i:05}")))
+        .map(|i| volume.key(&format!("big/f{i:05}")))
         .collect();
     store.put_many(keys);
     let mut names: Vec<String> = fs::read_dir(volume.path("big"))
@@ -414,27 +407,23 @@ fn large_directories_list_fully() {
         .unwrap()
         .map(|e| e.unwrap().metadata().unwrap().len())
         .sum();
-    assert_eq!(sizes, 2500 * key_of(&volume, "big/f00000").len() as u64);
+    assert_eq!(sizes, 2500 * volume.key("big/f00000").len() as u64);
 }
 
 #[test]
 fn changes_by_others_appear_within_the_metadata_ttl() {
     let volume = Volume::new(&["--metadata-ttl", "1"]);
-    let store = direct(&volume);
+    let store = volume.direct();
     fs::write(volume.path("shared.txt"), b"version 1").unwrap();
     assert_eq!(read(&volume.path("shared.txt")), b"version 1");
     // Once this mount's own change is in the store, the store's newer versions win.
     volume.flush();
     store.put(
-        &key_of(&volume, "shared.txt"),
+        &volume.key("shared.txt"),
         b"version 2, longer",
         Default::default(),
     );
-    store.put(
-        &key_of(&volume, "new-from-elsewhere"),
-        b"hi",
-        Default::default(),
-    );
+    store.put(&volume.key("new-from-elsewhere"), b"hi", Default::default());
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(read(&volume.path("shared.txt")), b"version 2, longer");
     assert_eq!(read(&volume.path("new-from-elsewhere")), b"hi");
@@ -446,7 +435,7 @@ fn changes_by_others_appear_within_the_metadata_ttl() {
         listed.contains(&"new-from-elsewhere".to_string()),
         "{listed:?}"
     );
-    store.delete(&key_of(&volume, "shared.txt"));
+    store.delete(&volume.key("shared.txt"));
     std::thread::sleep(Duration::from_millis(1500));
     assert!(!volume.path("shared.txt").exists());
 }
@@ -455,8 +444,8 @@ fn changes_by_others_appear_within_the_metadata_ttl() {
 fn a_read_only_mount_refuses_writes() {
     let volume = Volume::new(&[]);
     let spec = volume.spec.clone();
-    let store = direct(&volume);
-    store.put(&key_of(&volume, "kept"), b"data", Default::default());
+    let store = volume.direct();
+    store.put(&volume.key("kept"), b"data", Default::default());
     let read_only = Volume::mount(&spec, &["--read-only"]);
     assert_eq!(read(&read_only.path("kept")), b"data");
     assert_eq!(errno(fs::write(read_only.path("new"), b"x")), libc::EROFS);
@@ -478,7 +467,7 @@ fn large_files_upload_in_parts_and_read_back_cold() {
         .read_to_end(&mut back)
         .unwrap();
     assert!(back == data, "40 MiB read back cold differs");
-    let (_, stored) = direct(&volume).get(&key_of(&volume, "big.bin")).unwrap();
+    let (_, stored) = volume.direct().get(&volume.key("big.bin")).unwrap();
     assert!(stored == data, "the stored object differs");
 }
 
@@ -498,10 +487,7 @@ fn unmounting_from_outside_ends_the_process_cleanly() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert_eq!(
-        direct(&volume).get(&key_of(&volume, "f")).unwrap().1,
-        b"kept"
-    );
+    assert_eq!(volume.direct().get(&volume.key("f")).unwrap().1, b"kept");
 }
 
 #[test]

@@ -1869,11 +1869,6 @@ impl Filesystem {
         self.release(opened.fh).await?;
         Ok(attr)
     }
-
-    /// Inodes known to the mount (for tests and reports).
-    pub fn inode_count(&self) -> usize {
-        self.ns().len()
-    }
 }
 
 /// What `statfs` shows: a volume with room to spare (the store has no fixed size).

@@ -69,6 +69,11 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// The bytes an `Op::Write` writes.
+fn write_body(len: usize, byte: u8) -> Vec<u8> {
+    (0..len).map(|i| byte.wrapping_add(i as u8)).collect()
+}
+
 #[derive(Debug, Clone, PartialEq)]
 enum Node {
     File(Vec<u8>),
@@ -165,9 +170,7 @@ impl Model {
                 if data.len() < end {
                     data.resize(end, 0);
                 }
-                for (i, b) in data[offset..end].iter_mut().enumerate() {
-                    *b = byte.wrapping_add(i as u8);
-                }
+                data[offset..end].copy_from_slice(&write_body(*len, *byte));
                 Ok(None)
             }
             Op::Truncate { path, size } => {
@@ -374,7 +377,7 @@ impl Subject {
                 byte,
             } => {
                 let fh = self.open_file(&paths[*path], libc::O_RDWR).await?;
-                let data: Vec<u8> = (0..*len).map(|i| byte.wrapping_add(i as u8)).collect();
+                let data = write_body(*len, *byte);
                 let written = self.fs.write(fh, *offset, &data).await.map_err(errno);
                 self.fs.release(fh).await.map_err(errno)?;
                 assert_eq!(written?, *len as u32);

@@ -154,7 +154,6 @@ impl Filesystem {
                         PutOptions::with_metadata(attrs.encode()),
                     )
                     .await?;
-                self.remember_remote(key, Kind::Dir, put.etag.clone(), 0);
                 Ok(Applied::Done {
                     bytes: 0,
                     stored: Some((Kind::Dir, put.etag, 0)),
@@ -168,7 +167,6 @@ impl Filesystem {
                     .put(key, body, PutOptions::with_metadata(attrs.encode()))
                     .await?;
                 let length = target.len() as u64;
-                self.remember_remote(key, Kind::Symlink, put.etag.clone(), length);
                 Ok(Applied::Done {
                     bytes: length,
                     stored: Some((Kind::Symlink, put.etag, length)),
@@ -183,7 +181,7 @@ impl Filesystem {
                 let attrs: Attrs = (*attrs).into();
                 match self.store.copy(from, key, Some(attrs.encode())).await {
                     Ok(put) => {
-                        self.after_copy(key, &ETag(etag.clone()), put.etag.clone(), *size)
+                        self.after_copy(key, &ETag(etag.clone()), put.etag.clone())
                             .await?;
                         Ok(Applied::Done {
                             bytes: 0,
@@ -264,7 +262,6 @@ impl Filesystem {
                         && let Some(ino) = ns.find(&entry.key)
                         && let Some(inode) = ns.get_mut(ino)
                         && inode.kind() == *kind
-                        && self.journal().latest(&entry.key).is_none()
                     {
                         inode.remote = Some(Remote {
                             etag: etag.clone(),
@@ -502,18 +499,6 @@ impl Filesystem {
         }
     }
 
-    /// Remembers what the store now holds for `key`, if the mount knows the name.
-    fn remember_remote(&self, key: &str, kind: Kind, etag: ETag, size: u64) {
-        let mut ns = self.ns();
-        if let Some(ino) = ns.find(key)
-            && let Some(inode) = ns.get_mut(ino)
-            && inode.kind() == kind
-        {
-            inode.remote = Some(Remote { etag, size });
-            inode.checked = Instant::now();
-        }
-    }
-
     /// After a file's upload: the file is clean if nothing changed since its snapshot, and its
     /// cache file becomes cached store data again.
     async fn after_put(
@@ -528,7 +513,6 @@ impl Filesystem {
             .journal()
             .latest(&entry.key)
             .is_some_and(|e| e.seq != entry.seq);
-        self.remember_remote(&entry.key, Kind::File, etag.clone(), size);
         let mut clean = holder.is_none() && !later;
         if let Some((data, generation)) = &holder {
             let mut content = data.content.lock().await;
@@ -558,8 +542,7 @@ impl Filesystem {
     }
 
     /// After a renamed file's copy: its cached data (of version `old`) is the new object's.
-    async fn after_copy(&self, key: &str, old: &ETag, etag: ETag, size: u64) -> FsResult<()> {
-        self.remember_remote(key, Kind::File, etag.clone(), size);
+    async fn after_copy(&self, key: &str, old: &ETag, etag: ETag) -> FsResult<()> {
         let data = {
             let ns = self.ns();
             ns.find(key)
