@@ -1,11 +1,12 @@
 //! The `cairn` command: parses the command line and runs the subcommand.
 //!
-//! Today: `cairn store check [SPEC]`, `cairn mount SPEC MOUNTPOINT` and `cairn flush MOUNTPOINT`.
-//! The plugin daemon (`serve`) and the reports arrive with the issues that build them.
+//! `cairn serve` (the plugin daemon), `cairn mount SPEC MOUNTPOINT` (one volume, in the
+//! foreground), `cairn flush MOUNTPOINT` and `cairn store check [SPEC]`.
 
 mod check;
 mod flush;
 mod mount;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,6 +38,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The Docker volume plugin: answer Docker on the plugin socket until SIGTERM.
+    Serve(serve::ServeArgs),
     /// Work with stores directly.
     #[command(subcommand)]
     Store(StoreCommand),
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(QUIET_LOGS)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
         Command::Store(StoreCommand::Check { spec }) => {
             runtime.block_on(check::run(spec.as_deref(), &cli.state_dir))
         }
+        Command::Serve(args) => runtime.block_on(serve::run(args, &cli.state_dir)),
         Command::Mount(args) => runtime.block_on(mount::run(args, &cli.state_dir)),
         Command::Flush(args) => flush::run(args),
     }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use cairn_driver::options::{parse_octal, parse_size};
 use cairn_fs::attrs::Defaults;
 use cairn_fs::fs::FsConfig;
 use cairn_fs::mount::{MountOptions, mount};
@@ -37,10 +38,10 @@ pub struct MountArgs {
     #[arg(long, default_value_t = 0)]
     pub gid: u32,
     /// Permission bits (octal) shown for files that carry no attributes.
-    #[arg(long, default_value = "644", value_parser = octal)]
+    #[arg(long, default_value = "644", value_parser = parse_octal)]
     pub file_mode: u32,
     /// Permission bits (octal) shown for directories that carry no attributes.
-    #[arg(long, default_value = "755", value_parser = octal)]
+    #[arg(long, default_value = "755", value_parser = parse_octal)]
     pub dir_mode: u32,
     /// Seconds after a close before the file's upload starts (more writes may follow).
     #[arg(long, default_value_t = 2.0)]
@@ -53,7 +54,7 @@ pub struct MountArgs {
     pub max_dirty_age: f64,
     /// Local disk the cache may use, like 10G or 512M: clean data beyond it is evicted, and
     /// writers wait for uploads when changed data fills it.
-    #[arg(long, default_value = "10G", value_parser = size)]
+    #[arg(long, default_value = "10G", value_parser = parse_size)]
     pub cache_size: u64,
 }
 
@@ -64,44 +65,11 @@ pub enum FsyncMode {
     Local,
 }
 
-/// A byte count with an optional K, M, G or T suffix (powers of 1024).
-pub fn size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((at, _)) => text.split_at(at),
-        None => (text, ""),
-    };
-    let shift = match unit
-        .trim()
-        .to_ascii_uppercase()
-        .trim_end_matches(['B', 'I'])
-    {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        _ => return Err(format!("{text:?} is not a size like 512M or 10G")),
-    };
-    digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(1 << shift))
-        .ok_or_else(|| format!("{text:?} is not a size like 512M or 10G"))
-}
-
 fn seconds(name: &str, value: f64) -> Result<Duration, String> {
     if value.is_finite() && value >= 0.0 {
         Ok(Duration::from_secs_f64(value))
     } else {
         Err(format!("--{name} must be a number of seconds, 0 or more"))
-    }
-}
-
-fn octal(text: &str) -> Result<u32, String> {
-    match u32::from_str_radix(text.trim_start_matches("0o"), 8) {
-        Ok(mode) if mode <= 0o7777 => Ok(mode),
-        _ => Err(format!("{text:?} is not an octal mode like 644 or 0755")),
     }
 }
 
@@ -194,24 +162,6 @@ async fn serve(args: MountArgs, state_dir: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn modes_are_octal() {
-        assert_eq!(octal("644"), Ok(0o644));
-        assert_eq!(octal("0755"), Ok(0o755));
-        assert!(octal("999").is_err());
-        assert!(octal("17777").is_err());
-    }
-
-    #[test]
-    fn sizes_take_suffixes() {
-        assert_eq!(size("512M"), Ok(512 << 20));
-        assert_eq!(size("10G"), Ok(10 << 30));
-        assert_eq!(size("1gib"), Ok(1 << 30));
-        assert_eq!(size("4096"), Ok(4096));
-        assert!(size("ten").is_err());
-        assert!(size("5X").is_err());
-    }
 
     #[test]
     fn cache_dirs_follow_the_mountpoint() {

@@ -1,4 +1,13 @@
-//! cairn-driver: Docker's VolumeDriver protocol over a unix socket, the volume registry, and the
+//! cairn-driver: Docker's VolumeDriver protocol over a unix socket (server, protocol), the
+//! volumes behind it (volumes, with their records in the store and the local registry), and the
 //! supervisor of per-volume mount processes.
-//!
-//! Empty for now: the plugin issue builds it on top of cairn-fs's store layer.
+
+pub mod config;
+pub mod names;
+pub mod options;
+pub mod protocol;
+pub mod records;
+pub mod registry;
+pub mod server;
+pub mod supervisor;
+pub mod volumes;

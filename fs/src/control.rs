@@ -3,7 +3,9 @@
 //!
 //! Protocol (one line each way, then lines back): the client sends `flush`; the mount answers
 //! `pending CHANGES BYTES` lines while it works, `error permanent|retrying MESSAGE` when applying
-//! a change fails, and `done` once the store holds everything.
+//! a change fails, and `done` once the store holds everything. Or the client sends `status` and
+//! the mount answers one line of JSON: `pending_changes`, `pending_bytes`, `failing`,
+//! `permanent` and `last_error` (the plugin daemon shows these in `docker volume inspect`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -60,6 +62,19 @@ async fn answer(fs: Arc<Filesystem>, stream: UnixStream) -> std::io::Result<()> 
     let (read, mut write) = stream.into_split();
     let mut request = String::new();
     BufReader::new(read).read_line(&mut request).await?;
+    if request.trim() == "status" {
+        let pending = fs.pending();
+        let status = fs.upload_status();
+        let line = serde_json::json!({
+            "pending_changes": pending.changes,
+            "pending_bytes": pending.bytes,
+            "failing": status.failing,
+            "permanent": status.permanent,
+            "last_error": status.last_error.map(|(_, message)| message),
+        });
+        write.write_all(format!("{line}\n").as_bytes()).await?;
+        return Ok(());
+    }
     if request.trim() != "flush" {
         write
             .write_all(b"error permanent unknown request\n")

@@ -165,6 +165,23 @@ impl fmt::Display for StoreSpec {
     }
 }
 
+impl StoreSpec {
+    /// The spec of a folder inside this store (`folder` is a relative path without `..`):
+    /// the prefix gains it for S3, the path for a dir store.
+    pub fn join(&self, folder: &str) -> StoreSpec {
+        let folder = folder.trim_matches('/');
+        match self {
+            Self::Memory => Self::Memory,
+            Self::Dir(path) => Self::Dir(path.join(folder)),
+            Self::S3(options) => {
+                let mut options = options.clone();
+                options.prefix = format!("{}{folder}/", options.prefix);
+                Self::S3(options)
+            }
+        }
+    }
+}
+
 /// Opens the store a spec names. A dir store's directory must exist; an S3 store is not contacted
 /// until its first request.
 pub async fn open_store(spec: &StoreSpec) -> Result<SharedStore> {
@@ -195,6 +212,16 @@ mod tests {
         assert_eq!(options.path_style, Some(false));
         let again: StoreSpec = spec.to_string().parse().unwrap();
         assert_eq!(again, spec);
+    }
+
+    #[test]
+    fn joined_specs_name_a_folder_inside() {
+        let s3: StoreSpec = "s3://bucket/vols?region=eu-1".parse().unwrap();
+        assert_eq!(s3.join("db").to_string(), "s3://bucket/vols/db/?region=eu-1");
+        let root: StoreSpec = "s3://bucket".parse().unwrap();
+        assert_eq!(root.join("a/b/").to_string(), "s3://bucket/a/b/");
+        let dir: StoreSpec = "dir:///srv/cairn".parse().unwrap();
+        assert_eq!(dir.join("db"), StoreSpec::Dir("/srv/cairn/db".into()));
     }
 
     #[test]

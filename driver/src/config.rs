@@ -1,0 +1,114 @@
+//! The daemon's configuration, /etc/cairn/config.toml: where the socket is and which stores
+//! volumes may live in. Every setting has a default, so no file is needed: without one, the only
+//! store is the embedded dir store under the state directory.
+//!
+//! ```toml
+//! socket = "/run/docker/plugins/cairn.sock"
+//! default_store = "s3"
+//!
+//! [stores.s3]
+//! spec = "s3://my-bucket/volumes?region=eu-west-1&secret_file=/etc/cairn/s3.secret"
+//!
+//! [stores.nfs]
+//! spec = "dir:///mnt/efs/cairn"
+//! shared = true
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where the config file is looked for.
+pub const DEFAULT_CONFIG: &str = "/etc/cairn/config.toml";
+/// Where Docker looks for the plugin: the socket's file name is the driver's name.
+pub const DEFAULT_SOCKET: &str = "/run/docker/plugins/cairn.sock";
+/// The name of the store that is there without configuration.
+pub const EMBEDDED_STORE: &str = "default";
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The unix socket Docker talks to.
+    pub socket: PathBuf,
+    /// The store of volumes created without `-o store=`.
+    pub default_store: String,
+    /// Named stores volumes can live in.
+    pub stores: BTreeMap<String, StoreConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// A store spec, as `cairn store check` takes it.
+    pub spec: String,
+    /// Whether several hosts use this store (then Docker is told the volumes are global).
+    /// Default: true for s3 stores, false for dir stores.
+    pub shared: Option<bool>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            socket: DEFAULT_SOCKET.into(),
+            default_store: EMBEDDED_STORE.into(),
+            stores: BTreeMap::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads the config file at `path`. A missing file means the defaults, unless `required`
+    /// (the user named the file).
+    pub fn load(path: &Path, required: bool) -> Result<Self, String> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound && !required => {
+                return Ok(Self::default());
+            }
+            Err(err) => return Err(format!("cannot read the config file {}: {err}", path.display())),
+        };
+        Self::parse(&text).map_err(|why| format!("config file {}: {why}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|err| err.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_means_the_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn stores_are_named() {
+        let config = Config::parse(
+            "default_store = \"s3\"\n[stores.s3]\nspec = \"s3://b/p\"\n\
+             [stores.nfs]\nspec = \"dir:///mnt/nfs\"\nshared = true\n",
+        )
+        .unwrap();
+        assert_eq!(config.default_store, "s3");
+        assert_eq!(config.stores["s3"].spec, "s3://b/p");
+        assert_eq!(config.stores["nfs"].shared, Some(true));
+    }
+
+    #[test]
+    fn typos_are_errors() {
+        let err = Config::parse("sockett = \"/x\"").unwrap_err();
+        assert!(err.contains("sockett"), "{err}");
+        let err = Config::parse("[stores.a]\nspec = \"dir:///x\"\nshare = true").unwrap_err();
+        assert!(err.contains("share"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_file_is_fine_unless_named() {
+        let missing = Path::new("/nonexistent/cairn.toml");
+        assert_eq!(Config::load(missing, false).unwrap(), Config::default());
+        assert!(Config::load(missing, true).unwrap_err().contains("cannot read"));
+    }
+}

@@ -1,0 +1,68 @@
+//! `cairn serve`: the plugin daemon Docker talks to. Reads the config, opens the stores, re-adopts
+//! the mount processes a previous daemon left, and answers the VolumeDriver protocol on the plugin
+//! socket until SIGTERM or SIGINT. Stopping it leaves live mounts running.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use cairn_driver::config::{Config, DEFAULT_CONFIG};
+use cairn_driver::server;
+use cairn_driver::volumes::Driver;
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// The config file (TOML). A missing /etc/cairn/config.toml means the defaults: the embedded
+    /// dir store under the state directory.
+    #[arg(long, env = "CAIRN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The plugin socket, instead of the config's (its file name is the driver's name in Docker).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+}
+
+pub async fn run(args: ServeArgs, state_dir: &Path) -> ExitCode {
+    match serve(args, state_dir).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs, state_dir: &Path) -> Result<(), String> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path, true)?,
+        None => Config::load(Path::new(DEFAULT_CONFIG), false)?,
+    };
+    if let Some(socket) = args.socket {
+        config.socket = socket;
+    }
+    let program = std::env::current_exe()
+        .map_err(|e| format!("cannot find the cairn binary for mount processes: {e}"))?;
+    let driver = Driver::open(&config, state_dir, program)
+        .await
+        .map_err(|e| e.to_string())?;
+    driver.adopt().await.map_err(|e| e.to_string())?;
+    let listener = server::bind(&config.socket)
+        .map_err(|e| format!("cannot listen on {}: {e}", config.socket.display()))?;
+    eprintln!(
+        "cairn serves Docker on {} (state in {})",
+        config.socket.display(),
+        state_dir.display()
+    );
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let stopped = async move {
+        tokio::select! {
+            _ = interrupt.recv() => {},
+            _ = terminate.recv() => {},
+        }
+    };
+    server::serve(Arc::new(driver), listener, stopped).await;
+    let _ = std::fs::remove_file(&config.socket);
+    eprintln!("cairn stopped serving; running mounts go on");
+    Ok(())
+}
