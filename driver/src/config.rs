@@ -66,7 +66,12 @@ impl Config {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound && !required => {
                 return Ok(Self::default());
             }
-            Err(err) => return Err(format!("cannot read the config file {}: {err}", path.display())),
+            Err(err) => {
+                return Err(format!(
+                    "cannot read the config file {}: {err}",
+                    path.display()
+                ));
+            }
         };
         Self::parse(&text).map_err(|why| format!("config file {}: {why}", path.display()))
     }
@@ -109,6 +114,10 @@ mod tests {
     fn a_missing_file_is_fine_unless_named() {
         let missing = Path::new("/nonexistent/cairn.toml");
         assert_eq!(Config::load(missing, false).unwrap(), Config::default());
-        assert!(Config::load(missing, true).unwrap_err().contains("cannot read"));
+        assert!(
+            Config::load(missing, true)
+                .unwrap_err()
+                .contains("cannot read")
+        );
     }
 }

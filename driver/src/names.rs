@@ -15,7 +15,10 @@ pub struct VolumeName(String);
 
 impl VolumeName {
     pub fn parse(name: &str) -> Result<Self, String> {
-        let valid_start = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+        let valid_start = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
         let valid_rest = name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));

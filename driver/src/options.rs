@@ -236,7 +236,10 @@ mod tests {
     fn bad_options_name_themselves_and_the_valid_ones() {
         let unknown = options(&[("colour", "red")]).unwrap_err();
         assert!(unknown.contains("\"colour\""), "{unknown}");
-        assert!(unknown.contains("cache_size") && unknown.contains("access"), "{unknown}");
+        assert!(
+            unknown.contains("cache_size") && unknown.contains("access"),
+            "{unknown}"
+        );
         for (name, value) in [
             ("cache_size", "lots"),
             ("fsync", "sometimes"),

@@ -132,7 +132,10 @@ mod tests {
     #[test]
     fn answers_use_dockers_field_names() {
         let answer = serde_json::to_value(CapabilitiesResponse::from(Scope::Global)).unwrap();
-        assert_eq!(answer, serde_json::json!({"Capabilities": {"Scope": "global"}}));
+        assert_eq!(
+            answer,
+            serde_json::json!({"Capabilities": {"Scope": "global"}})
+        );
         let list = ListResponse {
             volumes: vec![Volume {
                 name: "db".into(),

@@ -35,7 +35,10 @@ fn decode(key: &str, body: &[u8]) -> Result<VolumeRecord, StoreError> {
 }
 
 /// Writes `record` unless the store already has one for the name; returns the one that is there.
-pub async fn create(store: &dyn Store, record: &VolumeRecord) -> Result<Option<VolumeRecord>, StoreError> {
+pub async fn create(
+    store: &dyn Store,
+    record: &VolumeRecord,
+) -> Result<Option<VolumeRecord>, StoreError> {
     let name = VolumeName::parse(&record.name).map_err(StoreError::invalid)?;
     let body = serde_json::to_vec_pretty(record).map_err(|e| StoreError::other(e.to_string()))?;
     let options = PutOptions {
@@ -101,20 +104,38 @@ mod tests {
         let existing = create(&store, &record("db", "2G")).await.unwrap();
         assert_eq!(existing, Some(record("db", "1G")));
         create(&store, &record("web", "1G")).await.unwrap();
-        let names: Vec<String> = list(&store).await.unwrap().into_iter().map(|r| r.name).collect();
+        let names: Vec<String> = list(&store)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
         assert_eq!(names, ["db", "web"]);
-        delete(&store, &VolumeName::parse("db").unwrap()).await.unwrap();
-        assert_eq!(get(&store, &VolumeName::parse("db").unwrap()).await.unwrap(), None);
+        delete(&store, &VolumeName::parse("db").unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            get(&store, &VolumeName::parse("db").unwrap())
+                .await
+                .unwrap(),
+            None
+        );
     }
 
     #[tokio::test]
     async fn a_damaged_record_says_how_to_recover() {
         let store = MemoryStore::new();
         store
-            .put(".cairn/volumes/db", Bytes::from_static(b"{not json"), PutOptions::default())
+            .put(
+                ".cairn/volumes/db",
+                Bytes::from_static(b"{not json"),
+                PutOptions::default(),
+            )
             .await
             .unwrap();
-        let err = get(&store, &VolumeName::parse("db").unwrap()).await.unwrap_err();
+        let err = get(&store, &VolumeName::parse("db").unwrap())
+            .await
+            .unwrap_err();
         assert!(err.message().contains("remove it"), "{err}");
     }
 }

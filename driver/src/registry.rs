@@ -61,9 +61,11 @@ impl Registry {
     pub fn volume(&self, name: &str) -> Result<Option<VolumeRecord>> {
         let json: Option<String> = self
             .db()
-            .query_row("SELECT record FROM volumes WHERE name = ?1", [name], |row| {
-                row.get(0)
-            })
+            .query_row(
+                "SELECT record FROM volumes WHERE name = ?1",
+                [name],
+                |row| row.get(0),
+            )
             .optional()?;
         Ok(json.and_then(|json| serde_json::from_str(&json).ok()))
     }
@@ -181,7 +183,10 @@ mod tests {
             started: 1234,
             mountpoint: "/var/lib/cairn/mounts/db".into(),
         };
-        Registry::open(&path).unwrap().set_process("db", &process).unwrap();
+        Registry::open(&path)
+            .unwrap()
+            .set_process("db", &process)
+            .unwrap();
         let again = Registry::open(&path).unwrap();
         assert_eq!(again.process("db").unwrap(), Some(process));
         again.clear_process("db").unwrap();

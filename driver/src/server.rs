@@ -78,7 +78,11 @@ fn group_id(name: &str) -> Option<u32> {
 }
 
 /// Answers connections on `listener` until `shutdown` completes.
-pub async fn serve(driver: Arc<Driver>, listener: UnixListener, shutdown: impl Future<Output = ()>) {
+pub async fn serve(
+    driver: Arc<Driver>,
+    listener: UnixListener,
+    shutdown: impl Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -116,7 +120,12 @@ fn respond(status: StatusCode, body: &impl Serialize) -> Answer {
 }
 
 fn fail(status: StatusCode, message: impl Into<String>) -> Answer {
-    respond(status, &ErrResponse { err: message.into() })
+    respond(
+        status,
+        &ErrResponse {
+            err: message.into(),
+        },
+    )
 }
 
 /// A request body as `T`; an empty body (or `null`) reads as `{}`.
@@ -133,7 +142,10 @@ async fn answer(driver: Arc<Driver>, request: Request<Incoming>) -> Answer {
     if !ENDPOINTS.contains(&endpoint.as_str()) {
         return fail(
             StatusCode::NOT_FOUND,
-            format!("unknown endpoint {endpoint}; cairn answers {}", ENDPOINTS.join(", ")),
+            format!(
+                "unknown endpoint {endpoint}; cairn answers {}",
+                ENDPOINTS.join(", ")
+            ),
         );
     }
     let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
@@ -144,7 +156,12 @@ async fn answer(driver: Arc<Driver>, request: Request<Incoming>) -> Answer {
                 format!("request body over {MAX_BODY} bytes"),
             );
         }
-        Err(err) => return fail(StatusCode::BAD_REQUEST, format!("reading the request: {err}")),
+        Err(err) => {
+            return fail(
+                StatusCode::BAD_REQUEST,
+                format!("reading the request: {err}"),
+            );
+        }
     };
     let span = tracing::info_span!("request", %endpoint);
     let _entered = span.enter();
@@ -170,9 +187,12 @@ fn err_text(result: Result<(), crate::volumes::DriverError>) -> String {
 async fn call(driver: &Driver, endpoint: &str, body: &[u8]) -> Result<Answer, Malformed> {
     let ok = StatusCode::OK;
     Ok(match endpoint {
-        "/Plugin.Activate" => respond(ok, &ActivateResponse {
-            implements: vec!["VolumeDriver"],
-        }),
+        "/Plugin.Activate" => respond(
+            ok,
+            &ActivateResponse {
+                implements: vec!["VolumeDriver"],
+            },
+        ),
         "/VolumeDriver.Capabilities" => respond(ok, &CapabilitiesResponse::from(driver.scope())),
         "/VolumeDriver.Create" => {
             let request: CreateRequest = parse(endpoint, body)?;
@@ -213,18 +233,24 @@ async fn call(driver: &Driver, endpoint: &str, body: &[u8]) -> Result<Answer, Ma
         "/VolumeDriver.Get" => {
             let request: NameRequest = parse(endpoint, body)?;
             match driver.get(&request.name).await {
-                Ok(info) => respond(ok, &GetResponse {
-                    volume: info.into(),
-                    err: String::new(),
-                }),
+                Ok(info) => respond(
+                    ok,
+                    &GetResponse {
+                        volume: info.into(),
+                        err: String::new(),
+                    },
+                ),
                 Err(err) => fail(ok, err.to_string()),
             }
         }
         "/VolumeDriver.List" => match driver.list().await {
-            Ok(volumes) => respond(ok, &ListResponse {
-                volumes: volumes.into_iter().map(Into::into).collect(),
-                err: String::new(),
-            }),
+            Ok(volumes) => respond(
+                ok,
+                &ListResponse {
+                    volumes: volumes.into_iter().map(Into::into).collect(),
+                    err: String::new(),
+                },
+            ),
             Err(err) => fail(ok, err.to_string()),
         },
         _ => unreachable!("endpoints are checked against ENDPOINTS first"),

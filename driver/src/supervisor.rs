@@ -70,9 +70,9 @@ fn unescape_mount_path(raw: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).and_then(|digits| {
-            u8::from_str_radix(std::str::from_utf8(digits).ok()?, 8).ok()
-        });
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .and_then(|digits| u8::from_str_radix(std::str::from_utf8(digits).ok()?, 8).ok());
         match (bytes[i], octal) {
             (b'\\', Some(byte)) => {
                 out.push(byte);
@@ -121,7 +121,11 @@ pub async fn clean_dead_mount(mountpoint: &Path) {
         .await
         .is_ok_and(|s| s.success());
     if !unmounted {
-        let _ = Command::new("umount").arg("-l").arg(mountpoint).status().await;
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(mountpoint)
+            .status()
+            .await;
     }
 }
 
@@ -134,7 +138,9 @@ fn log_since(log: &Path, offset: u64) -> String {
     }
     let text = text.trim();
     let start = text.len().saturating_sub(2000);
-    let start = (start..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+    let start = (start..text.len())
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
     text[start..].to_string()
 }
 

@@ -104,7 +104,11 @@ fn disk_usage(dir: &Path) -> u64 {
 impl Driver {
     /// Opens the stores the config names (creating the embedded one if it is the default) and
     /// the registry under `state_dir`. `program` is the `cairn` binary for mount processes.
-    pub async fn open(config: &Config, state_dir: &Path, program: PathBuf) -> Result<Self, DriverError> {
+    pub async fn open(
+        config: &Config,
+        state_dir: &Path,
+        program: PathBuf,
+    ) -> Result<Self, DriverError> {
         for dir in ["mounts", "volumes"] {
             std::fs::create_dir_all(state_dir.join(dir)).map_err(|e| local_error(state_dir, e))?;
         }
@@ -142,11 +146,20 @@ impl Driver {
         }
         let mut stores = BTreeMap::new();
         for (name, (spec, shared)) in specs {
-            let store = open_store(&spec).await.map_err(|source| DriverError::Store {
-                store: name.clone(),
-                source,
-            })?;
-            stores.insert(name, NamedStore { spec, store, shared });
+            let store = open_store(&spec)
+                .await
+                .map_err(|source| DriverError::Store {
+                    store: name.clone(),
+                    source,
+                })?;
+            stores.insert(
+                name,
+                NamedStore {
+                    spec,
+                    store,
+                    shared,
+                },
+            );
         }
         Ok(Self {
             state_dir: state_dir.to_path_buf(),
@@ -221,14 +234,21 @@ impl Driver {
     }
 
     /// The spec of the store folder a volume presents.
-    fn data_spec(&self, record: &VolumeRecord, options: &VolumeOptions) -> Result<StoreSpec, DriverError> {
+    fn data_spec(
+        &self,
+        record: &VolumeRecord,
+        options: &VolumeOptions,
+    ) -> Result<StoreSpec, DriverError> {
         let store = self.named_store(options.store())?;
         Ok(store.spec.join(options.path().unwrap_or(&record.name)))
     }
 
     fn options_of(&self, record: &VolumeRecord) -> Result<VolumeOptions, DriverError> {
         VolumeOptions::parse(&record.options, &self.default_store).map_err(|why| {
-            DriverError::Invalid(format!("volume {} has options this cairn does not take: {why}", record.name))
+            DriverError::Invalid(format!(
+                "volume {} has options this cairn does not take: {why}",
+                record.name
+            ))
         })
     }
 
@@ -251,9 +271,14 @@ impl Driver {
         Err(DriverError::NotFound(name.to_string()))
     }
 
-    pub async fn create(&self, name: &str, given: &BTreeMap<String, String>) -> Result<(), DriverError> {
+    pub async fn create(
+        &self,
+        name: &str,
+        given: &BTreeMap<String, String>,
+    ) -> Result<(), DriverError> {
         let name = VolumeName::parse(name).map_err(DriverError::Invalid)?;
-        let options = VolumeOptions::parse(given, &self.default_store).map_err(DriverError::Invalid)?;
+        let options =
+            VolumeOptions::parse(given, &self.default_store).map_err(DriverError::Invalid)?;
         let store = self.named_store(options.store())?;
         let lock = self.lock(&name);
         let _held = lock.lock().await;
@@ -279,7 +304,8 @@ impl Driver {
             created_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         };
         if let StoreSpec::Dir(root) = self.data_spec(&record, &options)? {
-            cairn_fs::store::dir::DirStore::create(&root).map_err(Self::store_error(options.store()))?;
+            cairn_fs::store::dir::DirStore::create(&root)
+                .map_err(Self::store_error(options.store()))?;
         }
         if let Some(existing) = records::create(store.store.as_ref(), &record)
             .await
@@ -331,18 +357,17 @@ impl Driver {
         let key = name.to_string();
         self.registry(move |r| r.forget_volume(&key)).await?;
         for dir in [self.volume_dir(&name), self.mountpoint(&name)] {
-            match std::fs::remove_dir_all(&dir) {
-                Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(local_error(&dir, err));
-                }
-                _ => {}
-            }
+            remove_tree(dir).await?;
         }
         Ok(())
     }
 
     /// Deletes every object of a volume's own folder in its store.
-    async fn delete_data(&self, record: &VolumeRecord, options: &VolumeOptions) -> Result<(), DriverError> {
+    async fn delete_data(
+        &self,
+        record: &VolumeRecord,
+        options: &VolumeOptions,
+    ) -> Result<(), DriverError> {
         let spec = self.data_spec(record, options)?;
         if let StoreSpec::Dir(root) = &spec
             && !root.exists()
@@ -363,9 +388,9 @@ impl Driver {
                 .await
                 .map_err(Self::store_error(options.store()))?;
         }
-        if let StoreSpec::Dir(root) = &spec {
+        if let StoreSpec::Dir(root) = spec {
             // The store's own bookkeeping (locks, sidecars) goes with the folder.
-            std::fs::remove_dir_all(root).map_err(|e| local_error(root, e))?;
+            remove_tree(root).await?;
         }
         Ok(())
     }
@@ -385,7 +410,8 @@ impl Driver {
             Err(err) => {
                 let key = name.to_string();
                 let id_key = id.as_str().to_string();
-                self.registry(move |r| r.remove_mount(&key, &id_key)).await?;
+                self.registry(move |r| r.remove_mount(&key, &id_key))
+                    .await?;
                 Err(err)
             }
         }
@@ -432,13 +458,16 @@ impl Driver {
             flags: options.mount_flags(),
         };
         std::fs::create_dir_all(&volume_dir).map_err(|e| local_error(&volume_dir, e))?;
-        let process = supervisor::start(&command).await.map_err(|message| DriverError::Mount {
-            volume: name.to_string(),
-            message,
-        })?;
+        let process = supervisor::start(&command)
+            .await
+            .map_err(|message| DriverError::Mount {
+                volume: name.to_string(),
+                message,
+            })?;
         tracing::info!(volume = %name, pid = process.pid, "mounted");
         let key = name.to_string();
-        self.registry(move |r| r.set_process(&key, &process)).await?;
+        self.registry(move |r| r.set_process(&key, &process))
+            .await?;
         Ok(mountpoint)
     }
 
@@ -493,10 +522,17 @@ impl Driver {
         }
     }
 
-    async fn status(&self, name: &VolumeName, record: &VolumeRecord) -> Result<BTreeMap<String, Value>, DriverError> {
+    async fn status(
+        &self,
+        name: &VolumeName,
+        record: &VolumeRecord,
+    ) -> Result<BTreeMap<String, Value>, DriverError> {
         let options = self.options_of(record)?;
         let mut status = BTreeMap::new();
-        status.insert("store".into(), json!(self.data_spec(record, &options)?.to_string()));
+        status.insert(
+            "store".into(),
+            json!(self.data_spec(record, &options)?.to_string()),
+        );
         status.insert("options".into(), json!(record.options));
         let key = name.to_string();
         let mounts = self.registry(move |r| r.mount_count(&key)).await?;
@@ -512,7 +548,10 @@ impl Driver {
             }
         }
         let cache = self.volume_dir(name).join("cache");
-        status.insert("cache_bytes".into(), json!(disk_usage(&cache)));
+        let cache_bytes = tokio::task::spawn_blocking(move || disk_usage(&cache))
+            .await
+            .unwrap_or(0);
+        status.insert("cache_bytes".into(), json!(cache_bytes));
         Ok(status)
     }
 
@@ -528,7 +567,8 @@ impl Driver {
                         let cached = record.clone();
                         self.registry(move |r| r.put_volume(&cached)).await?;
                     }
-                    self.forget_removed_elsewhere(store_name, &known, &records).await?;
+                    self.forget_removed_elsewhere(store_name, &known, &records)
+                        .await?;
                     volumes.extend(records.into_iter().map(|r| (r.name.clone(), r)));
                 }
                 Err(err) => {
@@ -578,6 +618,19 @@ impl Driver {
     }
 }
 
+/// Removes a folder and all it holds (a missing one is fine), off the async workers.
+async fn remove_tree(dir: PathBuf) -> Result<(), DriverError> {
+    tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(local_error(&dir, err)),
+        _ => Ok(()),
+    })
+    .await
+    .map_err(|e| DriverError::Local {
+        dir: PathBuf::new(),
+        message: e.to_string(),
+    })?
+}
+
 fn show_options(options: &BTreeMap<String, String>) -> String {
     options
         .iter()
@@ -596,5 +649,8 @@ async fn ask_status(mountpoint: &Path) -> Option<Value> {
         BufReader::new(stream).read_line(&mut line).await.ok()?;
         serde_json::from_str(&line).ok()
     };
-    tokio::time::timeout(Duration::from_secs(2), ask).await.ok().flatten()
+    tokio::time::timeout(Duration::from_secs(2), ask)
+        .await
+        .ok()
+        .flatten()
 }

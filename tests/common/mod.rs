@@ -3,6 +3,8 @@
 //! reached it.
 #![allow(dead_code)] // Each test binary uses its own part of this.
 
+pub mod daemon;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;

@@ -217,7 +217,10 @@ mod tests {
     #[test]
     fn joined_specs_name_a_folder_inside() {
         let s3: StoreSpec = "s3://bucket/vols?region=eu-1".parse().unwrap();
-        assert_eq!(s3.join("db").to_string(), "s3://bucket/vols/db/?region=eu-1");
+        assert_eq!(
+            s3.join("db").to_string(),
+            "s3://bucket/vols/db/?region=eu-1"
+        );
         let root: StoreSpec = "s3://bucket".parse().unwrap();
         assert_eq!(root.join("a/b/").to_string(), "s3://bucket/a/b/");
         let dir: StoreSpec = "dir:///srv/cairn".parse().unwrap();
