@@ -1,13 +1,14 @@
 //! The HTTP server on the plugin's unix socket: routes Docker's POSTs to the driver, turns bodies
 //! into protocol types, and answers every failure with `{"Err": "..."}` (a malformed body 400,
 //! an unknown endpoint 404, a body over the limit 413, a failed call 200 with Err set, as Docker
-//! expects).
+//! expects). Stopping lets the calls in flight finish first.
 
 use std::future::Future;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -17,6 +18,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixListener;
@@ -77,16 +79,21 @@ fn group_id(name: &str) -> Option<u32> {
     })
 }
 
-/// Answers connections on `listener` until `shutdown` completes.
+/// How long a stopping daemon lets calls in flight finish.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
+
+/// Answers connections on `listener` until `shutdown` completes, then lets the calls in flight
+/// finish (a Mount that is starting a mount process, an Unmount that is draining one).
 pub async fn serve(
     driver: Arc<Driver>,
     listener: UnixListener,
     shutdown: impl Future<Output = ()>,
 ) {
+    let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
-            _ = &mut shutdown => return,
+            _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(err) => {
@@ -96,15 +103,21 @@ pub async fn serve(
             },
         };
         let driver = Arc::clone(&driver);
+        let service = service_fn(move |request| answer(Arc::clone(&driver), request));
+        let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
         tokio::spawn(async move {
-            let service = service_fn(move |request| answer(Arc::clone(&driver), request));
-            if let Err(err) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            if let Err(err) = connection.await {
                 tracing::debug!("plugin connection: {err}");
             }
         });
+    }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("calls still in flight after {SHUTDOWN_GRACE:?}; stopping anyway");
     }
 }
 

@@ -34,14 +34,19 @@ pub fn free_port() -> u16 {
 
 /// Starts `command` so that it is killed when this test process ends: the child asks the kernel
 /// for SIGKILL when its parent thread dies, and the parent thread is one that never ends.
-pub fn spawn_tied_to_process(mut command: Command) -> Child {
+pub fn spawn_tied_to_process(command: Command) -> Child {
+    spawn_with_death_signal(command, libc::SIGKILL)
+}
+
+/// Like [`spawn_tied_to_process`], but the child gets `signal` (SIGTERM lets it clean up).
+pub fn spawn_with_death_signal(mut command: Command, signal: libc::c_int) -> Child {
     let program = command.get_program().to_string_lossy().into_owned();
     let (send, receive) = mpsc::channel();
     std::thread::spawn(move || {
         // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
         unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, signal) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())

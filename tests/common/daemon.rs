@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cairn_testkit::{S3Server, spawn_tied_to_process};
+use cairn_testkit::{S3Server, spawn_with_death_signal};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyperlocal::{UnixClientExt, UnixConnector};
@@ -113,7 +113,9 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
-        let mut child = spawn_tied_to_process(command);
+        // SIGTERM when the test process ends, so the daemon removes its socket: Docker keeps
+        // trying a plugin socket that is there but dead.
+        let mut child = spawn_with_death_signal(command, libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
             if let Ok(Some(status)) = child.try_wait() {
