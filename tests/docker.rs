@@ -401,7 +401,7 @@ fn unused_volumes_are_pruned_by_driver(kind: StoreKind) {
         .collect();
     assert_eq!(dangling, [unused.as_str()]);
     docker_ok(&["volume", "rm", &unused]);
-    assert_eq!(ours(&world), [used.clone()]);
+    assert_eq!(ours(&world), std::slice::from_ref(&used));
     assert_eq!(
         world.stored(&unused, "p"),
         None,
