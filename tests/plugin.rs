@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use common::daemon::{Daemon, StoreKind, call};
@@ -58,6 +59,12 @@ fn names(daemon: &Daemon) -> Vec<String> {
 #[test]
 fn activation_and_capabilities() {
     let daemon = Daemon::start(StoreKind::Dir);
+    let socket = std::fs::metadata(&daemon.socket).unwrap();
+    assert_eq!(
+        socket.permissions().mode() & 0o777,
+        0o660,
+        "only root and group docker"
+    );
     let (status, answer) = daemon.call("/Plugin.Activate", "");
     assert_eq!(
         (status, answer),
@@ -140,6 +147,14 @@ fn volume_lifecycle() {
     assert!(err.contains("exists with other options"), "{err}");
     assert_eq!(create(&daemon, "db", Value::Null), "");
     assert_eq!(names(&daemon), ["db", "web"]);
+    let (_, listed) = daemon.call("/VolumeDriver.List", "{}");
+    let web = &listed["Volumes"][1];
+    assert!(web["CreatedAt"].as_str().unwrap().ends_with('Z'), "{web}");
+    assert_eq!(web["Status"]["mounted"], false, "{web}");
+    assert!(
+        web["Status"]["store"].as_str().unwrap().ends_with("/web"),
+        "{web}"
+    );
 
     let (_, answer) = daemon.call("/VolumeDriver.Get", body(json!({"Name": "web"})));
     let volume = &answer["Volume"];
@@ -390,4 +405,20 @@ fn a_mount_that_cannot_start_says_why() {
         "a failed mount is not counted"
     );
     assert!(daemon.mount_processes().is_empty());
+}
+
+#[test]
+fn an_unreachable_store_fails_create_with_the_reason() {
+    let port = cairn_testkit::free_port();
+    let server = cairn_testkit::S3Server::shared();
+    let spec = server
+        .spec("vols")
+        .replace(&server.endpoint, &format!("http://127.0.0.1:{port}"));
+    let daemon = Daemon::with_store(&spec);
+    let err = create(&daemon, "far", Value::Null);
+    assert!(
+        err.contains("store \"main\"") && err.contains("127.0.0.1"),
+        "{err}"
+    );
+    assert!(names(&daemon).is_empty(), "{err}");
 }

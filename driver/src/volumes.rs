@@ -34,8 +34,14 @@ pub enum DriverError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
-    #[error("store {store:?}: {source}")]
-    Store { store: String, source: StoreError },
+    #[error(
+        "store {store:?} ({spec}): {source} (`cairn store check '{spec}'` tests it from this host)"
+    )]
+    Store {
+        store: String,
+        spec: String,
+        source: StoreError,
+    },
     #[error("mounting volume {volume}: {message}")]
     Mount { volume: String, message: String },
     #[error("cairn's local state under {dir}: {message}")]
@@ -48,7 +54,6 @@ pub struct VolumeInfo {
     pub name: String,
     pub mountpoint: PathBuf,
     pub created_at: String,
-    /// Only Get fills this in.
     pub status: BTreeMap<String, Value>,
 }
 
@@ -112,12 +117,15 @@ impl Driver {
         for dir in ["mounts", "volumes"] {
             std::fs::create_dir_all(state_dir.join(dir)).map_err(|e| local_error(state_dir, e))?;
         }
+        // Mountpoints are matched against the kernel's mount table, which has canonical paths.
+        let state_dir = &std::fs::canonicalize(state_dir).map_err(|e| local_error(state_dir, e))?;
         let registry = Registry::open(&state_dir.join("registry.db"))
             .map_err(|e| local_error(state_dir, e))?;
         let mut specs = BTreeMap::new();
         for (name, store) in &config.stores {
             let spec: StoreSpec = store.spec.parse().map_err(|source| DriverError::Store {
                 store: name.clone(),
+                spec: store.spec.clone(),
                 source,
             })?;
             if spec == StoreSpec::Memory {
@@ -140,6 +148,7 @@ impl Driver {
             let root = state_dir.join("store");
             cairn_fs::store::dir::DirStore::create(&root).map_err(|source| DriverError::Store {
                 store: EMBEDDED_STORE.into(),
+                spec: StoreSpec::Dir(root.clone()).to_string(),
                 source,
             })?;
             specs.insert(EMBEDDED_STORE.into(), (StoreSpec::Dir(root), false));
@@ -150,6 +159,7 @@ impl Driver {
                 .await
                 .map_err(|source| DriverError::Store {
                     store: name.clone(),
+                    spec: spec.to_string(),
                     source,
                 })?;
             stores.insert(
@@ -218,9 +228,16 @@ impl Driver {
         })
     }
 
-    fn store_error(name: &str) -> impl FnOnce(StoreError) -> DriverError + '_ {
+    fn store_error(&self, name: &str) -> impl FnOnce(StoreError) -> DriverError {
+        let store = name.to_string();
+        let spec = self
+            .stores
+            .get(name)
+            .map(|s| s.spec.to_string())
+            .unwrap_or_default();
         move |source| DriverError::Store {
-            store: name.to_string(),
+            store,
+            spec,
             source,
         }
     }
@@ -261,7 +278,7 @@ impl Driver {
         for (store_name, store) in &self.stores {
             if let Some(record) = records::get(store.store.as_ref(), name)
                 .await
-                .map_err(Self::store_error(store_name))?
+                .map_err(self.store_error(store_name))?
             {
                 let cached = record.clone();
                 self.registry(move |r| r.put_volume(&cached)).await?;
@@ -305,11 +322,11 @@ impl Driver {
         };
         if let StoreSpec::Dir(root) = self.data_spec(&record, &options)? {
             cairn_fs::store::dir::DirStore::create(&root)
-                .map_err(Self::store_error(options.store()))?;
+                .map_err(self.store_error(options.store()))?;
         }
         if let Some(existing) = records::create(store.store.as_ref(), &record)
             .await
-            .map_err(Self::store_error(options.store()))?
+            .map_err(self.store_error(options.store()))?
         {
             // Another host created it a moment ago.
             let cached = existing.clone();
@@ -350,7 +367,7 @@ impl Driver {
         let store = self.named_store(options.store())?;
         match records::delete(store.store.as_ref(), &name).await {
             Err(err) if err.kind() != ErrorKind::NotFound => {
-                return Err(Self::store_error(options.store())(err));
+                return Err(self.store_error(options.store())(err));
             }
             _ => {}
         }
@@ -376,17 +393,17 @@ impl Driver {
         }
         let store = open_store(&spec)
             .await
-            .map_err(Self::store_error(options.store()))?;
+            .map_err(self.store_error(options.store()))?;
         let listing = store
             .list_all("", false)
             .await
-            .map_err(Self::store_error(options.store()))?;
+            .map_err(self.store_error(options.store()))?;
         let keys: Vec<String> = listing.objects.into_iter().map(|o| o.key).collect();
         for chunk in keys.chunks(1000) {
             store
                 .delete_many(chunk)
                 .await
-                .map_err(Self::store_error(options.store()))?;
+                .map_err(self.store_error(options.store()))?;
         }
         if let StoreSpec::Dir(root) = spec {
             // The store's own bookkeeping (locks, sidecars) goes with the folder.
@@ -582,7 +599,15 @@ impl Driver {
                 }
             }
         }
-        Ok(volumes.values().map(|r| self.describe(r)).collect())
+        let mut described = Vec::with_capacity(volumes.len());
+        for record in volumes.values() {
+            let mut info = self.describe(record);
+            if let Ok(name) = VolumeName::parse(&record.name) {
+                info.status = self.status(&name, record).await?;
+            }
+            described.push(info);
+        }
+        Ok(described)
     }
 
     /// Drops registry entries of `store_name` whose records another host removed (unless mounted

@@ -48,7 +48,6 @@ impl Daemon {
     }
 
     fn start_on(kind: StoreKind, socket: Option<PathBuf>) -> Daemon {
-        super::require_fuse();
         let dir = tempfile::tempdir().expect("a temporary directory");
         let store_spec = match kind {
             StoreKind::Dir => {
@@ -58,6 +57,22 @@ impl Daemon {
             }
             StoreKind::S3 => S3Server::shared().spec(&S3Server::unique_prefix("plugin")),
         };
+        Self::start_with_store(dir, &store_spec, socket)
+    }
+
+    /// A daemon whose default store is `store_spec`.
+    pub fn with_store(store_spec: &str) -> Daemon {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        Self::start_with_store(dir, store_spec, None)
+    }
+
+    fn start_with_store(
+        dir: tempfile::TempDir,
+        store_spec: &str,
+        socket: Option<PathBuf>,
+    ) -> Daemon {
+        super::require_fuse();
+        let store_spec = store_spec.to_string();
         let config = dir.path().join("config.toml");
         std::fs::write(
             &config,
