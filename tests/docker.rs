@@ -94,6 +94,15 @@ impl World {
         }
     }
 
+    /// The names of this driver's volumes that `docker volume ls` shows.
+    fn listed(&self) -> Vec<String> {
+        let filter = format!("driver={}", self.driver);
+        docker_ok(&["volume", "ls", "-q", "--filter", &filter])
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
     fn daemon(&self) -> MutexGuard<'_, Daemon> {
         self.daemon.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -177,13 +186,7 @@ fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 fn cli_lifecycle(kind: StoreKind) {
     let mut world = World::new(kind);
     let name = world.create("life", &["cache_size=1G", "writeback_delay=1"]);
-    let listed = docker_ok(&[
-        "volume",
-        "ls",
-        "--filter",
-        &format!("driver={}", world.driver),
-    ]);
-    assert!(listed.contains(&name), "{listed}");
+    assert!(world.listed().contains(&name));
     let inspect = docker_ok(&["volume", "inspect", &name]);
     let inspect: serde_json::Value = serde_json::from_str(&inspect).unwrap();
     let volume = &inspect[0];
@@ -197,14 +200,7 @@ fn cli_lifecycle(kind: StoreKind) {
     };
     assert_eq!(volume["Scope"], scope);
     docker_ok(&["volume", "rm", &name]);
-    let listed = docker_ok(&[
-        "volume",
-        "ls",
-        "-q",
-        "--filter",
-        &format!("driver={}", world.driver),
-    ]);
-    assert!(!listed.contains(&name), "{listed}");
+    assert!(!world.listed().contains(&name));
 }
 
 fn data_outlives_the_container(kind: StoreKind) {
@@ -301,14 +297,7 @@ fn a_bad_option_shows_cairns_message(kind: StoreKind) {
         stderr.contains("fsync") && stderr.contains("store or local"),
         "{stderr}"
     );
-    let listed = docker_ok(&[
-        "volume",
-        "ls",
-        "-q",
-        "--filter",
-        &format!("driver={}", world.driver),
-    ]);
-    assert!(!listed.contains(&name), "{listed}");
+    assert!(!world.listed().contains(&name));
 }
 
 fn a_daemon_restart_leaves_the_container_running(kind: StoreKind) {
@@ -372,12 +361,9 @@ fn unused_volumes_are_pruned_by_driver(kind: StoreKind) {
         &format!("label={label}"),
     ]);
     let ours = |world: &World| {
-        let filter = format!("driver={}", world.driver);
-        docker_ok(&["volume", "ls", "-q", "--filter", &filter])
-            .lines()
-            .filter(|name| name.ends_with(&world.suffix))
-            .map(String::from)
-            .collect::<Vec<_>>()
+        let mut names = world.listed();
+        names.retain(|name| name.ends_with(&world.suffix));
+        names
     };
     assert_eq!(ours(&world).len(), 2, "prune leaves cairn volumes alone");
     assert_eq!(
