@@ -281,3 +281,42 @@ fn writes_keep_working_while_the_s3_server_is_away() {
     volume.stop();
     assert!(!is_mounted(&volume.mountpoint));
 }
+
+#[test]
+fn a_small_change_to_a_large_file_moves_little_data() {
+    const MIB: usize = 1 << 20;
+    let server = S3Server::shared();
+    let relay = Relay::start(server.port());
+    let spec = server.spec(&S3Server::unique_prefix("bigedit")).replace(
+        &server.endpoint,
+        &format!("http://127.0.0.1:{}", relay.port),
+    );
+    let mut original: Vec<u8> = (0..48 * MIB).map(|i| (i % 253) as u8).collect();
+    let volume = Volume::mount(&spec, &["--writeback-delay", "0"]);
+    volume
+        .direct()
+        .put(&volume.key("db.img"), &original, Default::default());
+    let before = relay.traffic();
+
+    // Change 16 bytes in the middle of a 48 MiB file no one has read here.
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .open(volume.path("db.img"))
+        .unwrap();
+    file.write_all_at(b"sixteen  bytes!!", 20 * MIB as u64)
+        .unwrap();
+    file.sync_all().unwrap(); // fsync: in the store when it returns
+    drop(file);
+
+    let after = relay.traffic();
+    original[20 * MIB..20 * MIB + 16].copy_from_slice(b"sixteen  bytes!!");
+    let (_, stored) = volume.direct().get(&volume.key("db.img")).unwrap();
+    assert!(stored == original, "the object is the changed file");
+    let moved = (after.0 - before.0) + (after.1 - before.1);
+    // One 8 MiB part goes up, and its unchanged bytes come down: far less than the 96 MiB of
+    // downloading and uploading the whole file.
+    assert!(
+        moved < 24 * MIB as u64,
+        "{moved} bytes went over the wire ({before:?} -> {after:?})"
+    );
+}

@@ -113,7 +113,30 @@ pub struct Cached {
     pub present: RangeSet,
 }
 
-/// The cache directory: `data/` holds the cache files, `index.db` the SQLite index.
+/// A changed file that holds only some of its bytes: those it did not change, below
+/// `base_end`, are the store's version `etag` of its key, which an upload copies inside the
+/// store instead of uploading them again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partial {
+    pub etag: ETag,
+    pub base_end: u64,
+    /// The bytes written since the base version (in the cache file).
+    pub changed: RangeSet,
+}
+
+impl Partial {
+    /// The parts of `range` that are the base version's bytes.
+    pub fn from_base(&self, range: Range<u64>) -> Vec<Range<u64>> {
+        let end = range.end.min(self.base_end);
+        if range.start >= end {
+            return Vec::new();
+        }
+        self.changed.missing(range.start..end)
+    }
+}
+
+/// The cache directory: `data/` holds the cache files, `index.db` the SQLite index (which
+/// versions of which keys the cache files hold, and what changed files hold only in part).
 #[derive(Debug, Clone)]
 pub struct Cache {
     dir: PathBuf,
@@ -148,6 +171,11 @@ impl Cache {
                  start INTEGER NOT NULL,
                  end INTEGER NOT NULL,
                  PRIMARY KEY (file, start)
+             );
+             CREATE TABLE IF NOT EXISTS partial (
+                 file TEXT PRIMARY KEY,
+                 etag TEXT NOT NULL,
+                 base_end INTEGER NOT NULL
              );",
         )?;
         Ok(Self {
@@ -285,15 +313,7 @@ impl Cache {
         let Some((file, etag)) = row else {
             return Ok(None);
         };
-        let mut present = RangeSet::default();
-        let mut query = index.prepare("SELECT start, end FROM ranges WHERE file = ?1")?;
-        let spans = query.query_map(params![file], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
-        })?;
-        for span in spans {
-            let (start, end) = span?;
-            present.insert(start as u64..end as u64);
-        }
+        let present = ranges_of(&index, &file)?;
         Ok(Some(Cached {
             file,
             etag: ETag(etag),
@@ -301,10 +321,11 @@ impl Cache {
         }))
     }
 
-    /// Records that `file` holds `present` of version `etag` of `key`.
+    /// Records that `file` holds `present` of version `etag` of `key` (and is no longer changed).
     pub fn record(&self, key: &str, file: &str, etag: &ETag, present: &RangeSet) -> FsResult<()> {
         let mut index = self.index();
         let tx = index.transaction()?;
+        tx.execute("DELETE FROM partial WHERE file = ?1", params![file])?;
         tx.execute(
             "DELETE FROM objects WHERE key = ?1 OR file = ?2",
             params![key, file],
@@ -321,6 +342,60 @@ impl Cache {
             )?;
         }
         tx.commit()?;
+        Ok(())
+    }
+
+    /// Records that the changed `file` holds only part of its bytes (see [`Partial`]).
+    pub fn record_partial(&self, file: &str, partial: &Partial) -> FsResult<()> {
+        let mut index = self.index();
+        let tx = index.transaction()?;
+        tx.execute(
+            "INSERT OR REPLACE INTO partial (file, etag, base_end) VALUES (?1, ?2, ?3)",
+            params![file, partial.etag.0, partial.base_end as i64],
+        )?;
+        tx.execute("DELETE FROM ranges WHERE file = ?1", params![file])?;
+        for span in partial.changed.spans() {
+            tx.execute(
+                "INSERT INTO ranges (file, start, end) VALUES (?1, ?2, ?3)",
+                params![file, span.start as i64, span.end as i64],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// What a changed `file` holds, if only in part.
+    pub fn partial(&self, file: &str) -> FsResult<Option<Partial>> {
+        let index = self.index();
+        let row: Option<(String, i64)> = index
+            .query_row(
+                "SELECT etag, base_end FROM partial WHERE file = ?1",
+                params![file],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((etag, base_end)) = row else {
+            return Ok(None);
+        };
+        Ok(Some(Partial {
+            etag: ETag(etag),
+            base_end: base_end as u64,
+            changed: ranges_of(&index, file)?,
+        }))
+    }
+
+    /// The changed `file` now holds all its bytes.
+    pub fn forget_partial(&self, file: &str) -> FsResult<()> {
+        let index = self.index();
+        let partial = index.execute("DELETE FROM partial WHERE file = ?1", params![file])?;
+        let indexed: bool = index.query_row(
+            "SELECT EXISTS (SELECT 1 FROM objects WHERE file = ?1)",
+            params![file],
+            |r| r.get(0),
+        )?;
+        if partial > 0 && !indexed {
+            index.execute("DELETE FROM ranges WHERE file = ?1", params![file])?;
+        }
         Ok(())
     }
 
@@ -352,6 +427,7 @@ impl Cache {
 
     /// Deletes a cache file that no index entry names.
     pub fn discard_file(&self, file: &str) {
+        let _ = self.forget_partial(file);
         let _ = fs::remove_file(self.path_of(file));
     }
 
@@ -383,6 +459,20 @@ fn free_bytes(dir: &Path) -> Option<u64> {
     let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::statvfs(path.as_ptr(), &mut stats) };
     (rc == 0).then(|| stats.f_bavail * stats.f_frsize)
+}
+
+/// The spans of `file` the ranges table holds.
+fn ranges_of(index: &Connection, file: &str) -> FsResult<RangeSet> {
+    let mut present = RangeSet::default();
+    let mut query = index.prepare("SELECT start, end FROM ranges WHERE file = ?1")?;
+    let spans = query.query_map(params![file], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+    })?;
+    for span in spans {
+        let (start, end) = span?;
+        present.insert(start as u64..end as u64);
+    }
+    Ok(present)
 }
 
 fn now_seconds() -> f64 {

@@ -25,7 +25,7 @@ use futures::{StreamExt, TryStreamExt, stream};
 use tokio::sync::Notify;
 
 use crate::attrs::{Attrs, Defaults, Kind, S_IFDIR, S_IFREG};
-use crate::cache::{Cache, RangeSet};
+use crate::cache::{Cache, Partial, RangeSet};
 use crate::error::{FsError, FsResult};
 use crate::journal::{Change, Journal, StoredAttrs};
 use crate::namespace::{Inode, Namespace, ROOT, Remote};
@@ -66,6 +66,10 @@ pub struct FsConfig {
     /// Bytes of local disk the cache may use; clean data beyond it is evicted, and writers wait
     /// for uploads when changed data fills it.
     pub cache_size: u64,
+    /// A stored file at least this large that changes before it is all cached keeps its
+    /// unchanged bytes in the store: its upload copies those parts inside the store instead of
+    /// downloading and uploading them again.
+    pub copy_threshold: u64,
 }
 
 impl Default for FsConfig {
@@ -84,6 +88,7 @@ impl Default for FsConfig {
             fsync_local: false,
             max_dirty_age: Duration::from_secs(30),
             cache_size: 10 << 30,
+            copy_threshold: 32 << 20,
         }
     }
 }
@@ -156,6 +161,23 @@ struct Content {
     dirty_since: Option<Instant>,
     /// The version the kernel's page cache holds, from the last open.
     kernel_cached: Option<crate::store::ETag>,
+    /// Of a partial file (see [`Content::partial`]): the bytes written since its base version.
+    changed: RangeSet,
+}
+
+impl Content {
+    /// A changed file that holds only part of its bytes: the rest, below `remote_limit`, are
+    /// those of the store's version `etag`.
+    fn partial(&self) -> Option<Partial> {
+        match &self.etag {
+            Some(etag) if self.dirty && self.remote_limit > 0 => Some(Partial {
+                etag: etag.clone(),
+                base_end: self.remote_limit,
+                changed: self.changed.clone(),
+            }),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -836,7 +858,11 @@ impl Filesystem {
             // Still open somewhere: keep every byte locally, if the store can still give them.
             let mut content = data.content.lock().await;
             let size = data.size.load(Ordering::Acquire);
-            let _ = self.materialize(&key, &mut content, size).await;
+            if content.partial().is_some() {
+                self.make_whole(&key, &mut content, size).await?;
+            } else {
+                let _ = self.materialize(&key, &mut content, size).await;
+            }
             content.remote_limit = 0;
         }
         self.record(&key, Change::Delete, in_store, false).await?;
@@ -1020,6 +1046,20 @@ impl Filesystem {
             let (from, to) = (format!("{source_key}/"), format!("{target_key}/"));
             blocking(move || cache.rename(&from, &to, true)).await?;
             return Ok(());
+        }
+        // A partial file's base version is about to go (its key is deleted or replaced): fetch
+        // the rest first, for the file that moves and for an open file that is replaced.
+        self.make_whole_file(source, &source_key).await?;
+        let target_open = target.is_some_and(|target| {
+            self.ns()
+                .get(target)
+                .and_then(|i| i.file.as_ref())
+                .is_some_and(|f| f.opens.load(Ordering::Acquire) > 0)
+        });
+        if let Some(target) = target
+            && target_open
+        {
+            self.make_whole_file(target, &target_key).await?;
         }
         let moved = self.moved_version(source, &source_key).await?;
         let source_in_store = self.ns().get(source).is_some_and(|s| s.remote.is_some());
@@ -1291,23 +1331,33 @@ impl Filesystem {
             (Some(cache_name), _) => {
                 let cache = self.cache.clone();
                 let name = cache_name.clone();
-                let (file, length) = blocking(move || {
+                let (file, length, partial) = blocking(move || {
                     let file = cache.open_file(&name)?;
                     let length = file.metadata()?.len();
-                    Ok((file, length))
+                    Ok((file, length, cache.partial(&name)?))
                 })
                 .await?;
+                let (present, changed, etag, remote_limit) = match partial {
+                    Some(partial) => (
+                        partial.changed.clone(),
+                        partial.changed,
+                        Some(partial.etag),
+                        partial.base_end,
+                    ),
+                    None => (RangeSet::full(length), RangeSet::default(), None, 0),
+                };
                 let content = Content {
                     cache_name,
                     file: Arc::new(file),
-                    present: RangeSet::full(length),
-                    etag: None,
-                    remote_limit: 0,
+                    present,
+                    etag,
+                    remote_limit,
                     dirty: true,
                     generation: 0,
                     queued_generation: 0,
                     dirty_since: None,
                     kernel_cached: None,
+                    changed,
                 };
                 (content, length)
             }
@@ -1346,6 +1396,7 @@ impl Filesystem {
                     queued_generation: 0,
                     dirty_since: None,
                     kernel_cached: None,
+                    changed: RangeSet::default(),
                 };
                 (content, size)
             }
@@ -1386,6 +1437,7 @@ impl Filesystem {
                 queued_generation: 0,
                 dirty_since: None,
                 kernel_cached: None,
+                changed: RangeSet::default(),
             }),
             size: AtomicU64::new(0),
             opens: AtomicUsize::new(0),
@@ -1584,22 +1636,92 @@ impl Filesystem {
         Ok(())
     }
 
+    /// Whether a file about to change may keep its unfetched bytes in the store: it is large,
+    /// its object is under its own key (no rename is pending), and it is not all cached.
+    fn may_stay_partial(&self, key: &str, content: &Content, size: u64) -> bool {
+        let base_end = content.remote_limit.min(size);
+        !key.is_empty()
+            && content.etag.is_some()
+            && base_end >= self.config.copy_threshold
+            && self.fetch_key(key) == key
+            && !content.present.contains(0..base_end)
+    }
+
+    /// Fetches what a partial file lacks, so that it no longer needs its base version (before
+    /// that version's key is renamed or replaced).
+    async fn make_whole(&self, key: &str, content: &mut Content, size: u64) -> FsResult<()> {
+        if content.partial().is_none() {
+            return Ok(());
+        }
+        self.materialize(key, content, size).await?;
+        content.remote_limit = 0;
+        content.present = RangeSet::full(size);
+        let (cache, name) = (self.cache.clone(), content.cache_name.clone());
+        blocking(move || cache.forget_partial(&name)).await
+    }
+
+    /// [`Self::make_whole`] for the file `ino`, whether open or only waiting for its upload.
+    async fn make_whole_file(&self, ino: u64, key: &str) -> FsResult<()> {
+        let open = self.ns().get(ino).and_then(|i| i.file.clone());
+        let data = match open {
+            Some(data) => data,
+            None => {
+                let pending = matches!(
+                    self.journal().latest(key).map(|e| &e.change),
+                    Some(Change::PutFile { .. })
+                );
+                if !pending {
+                    return Ok(());
+                }
+                self.file_data(ino).await?
+            }
+        };
+        let mut content = data.content.lock().await;
+        let size = data.size.load(Ordering::Acquire);
+        self.make_whole(key, &mut content, size).await
+    }
+
     /// Fetches every byte below `size` the store still holds, so the cache file is the whole file.
     async fn materialize(&self, key: &str, content: &mut Content, size: u64) -> FsResult<()> {
         self.fetch(key, content, 0..size, 0).await
     }
 
-    /// Marks the contents changed locally: the index stops describing them.
+    /// Marks the contents changed locally: the index stops describing them. A large stored
+    /// file not all cached keeps the rest in the store (see [`Content::partial`]); any other
+    /// fetches what it lacks first.
     async fn make_dirty(&self, ino: u64, content: &mut Content, size: u64) -> FsResult<()> {
         if !content.dirty {
             // An unlinked file still open has no key, and nothing left to fetch.
             let key = self.key_of(ino).unwrap_or_default();
-            self.materialize(&key, content, size).await?;
-            content.dirty = true;
-            content.remote_limit = 0;
-            content.present = RangeSet::full(size);
-            let cache = self.cache.clone();
-            blocking(move || cache.forget(&key)).await?;
+            if self.may_stay_partial(&key, content, size) {
+                content.remote_limit = content.remote_limit.min(size);
+                content.dirty = true;
+                content.changed = RangeSet::default();
+                let partial = content
+                    .partial()
+                    .expect("a partial file has a base version");
+                let (cache, file, name) = (
+                    self.cache.clone(),
+                    Arc::clone(&content.file),
+                    content.cache_name.clone(),
+                );
+                blocking(move || {
+                    // The cache file is as long as the file, its unfetched parts holes.
+                    if file.metadata()?.len() < size {
+                        file.set_len(size)?;
+                    }
+                    cache.forget(&key)?;
+                    cache.record_partial(&name, &partial)
+                })
+                .await?;
+            } else {
+                self.materialize(&key, content, size).await?;
+                content.dirty = true;
+                content.remote_limit = 0;
+                content.present = RangeSet::full(size);
+                let cache = self.cache.clone();
+                blocking(move || cache.forget(&key)).await?;
+            }
         }
         content.generation += 1;
         content.dirty_since.get_or_insert_with(Instant::now);
@@ -1675,7 +1797,19 @@ impl Filesystem {
         );
         blocking(move || Ok(file.write_all_at(&owned, offset)?)).await?;
         let new_size = size.max(offset + len);
-        content.present.insert(0..new_size);
+        match content.partial() {
+            Some(_) if content.changed.contains(offset..offset + len) => {}
+            Some(mut partial) => {
+                // Recorded before the write returns: after a crash, the upload must know these
+                // bytes are the file's own, not the base version's.
+                content.present.insert(offset..offset + len);
+                content.changed.insert(offset..offset + len);
+                partial.changed = content.changed.clone();
+                let (cache, name) = (self.cache.clone(), content.cache_name.clone());
+                blocking(move || cache.record_partial(&name, &partial)).await?;
+            }
+            None => content.present.insert(0..new_size),
+        }
         data.size.store(new_size, Ordering::Release);
         drop(content);
         if let Some(inode) = self.ns().get_mut(ino) {
@@ -1697,7 +1831,16 @@ impl Filesystem {
             .await?;
         let file = Arc::clone(&content.file);
         blocking(move || Ok(file.set_len(new_size)?)).await?;
-        content.present = RangeSet::full(new_size);
+        match content.partial() {
+            Some(mut partial) => {
+                content.present.truncate(new_size);
+                content.changed.truncate(new_size);
+                partial.changed = content.changed.clone();
+                let (cache, name) = (self.cache.clone(), content.cache_name.clone());
+                blocking(move || cache.record_partial(&name, &partial)).await?;
+            }
+            None => content.present = RangeSet::full(new_size),
+        }
         data.size.store(new_size, Ordering::Release);
         drop(content);
         if let Some(inode) = self.ns().get_mut(ino) {

@@ -238,6 +238,9 @@ struct RelayState {
     running: std::sync::atomic::AtomicBool,
     generation: std::sync::atomic::AtomicU64,
     connections: Mutex<Vec<TcpStream>>,
+    /// Bytes relayed towards the server, and back.
+    sent: std::sync::atomic::AtomicU64,
+    received: std::sync::atomic::AtomicU64,
 }
 
 impl Relay {
@@ -274,13 +277,30 @@ impl Relay {
                         connections.push(client.try_clone().unwrap());
                         connections.push(server.try_clone().unwrap());
                         drop(connections);
-                        pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
-                        pipe(server, client);
+                        let (sent, received) =
+                            (std::sync::Arc::clone(&state), std::sync::Arc::clone(&state));
+                        pipe(
+                            client.try_clone().unwrap(),
+                            server.try_clone().unwrap(),
+                            move |n| sent.sent.fetch_add(n, Ordering::Relaxed),
+                        );
+                        pipe(server, client, move |n| {
+                            received.received.fetch_add(n, Ordering::Relaxed)
+                        });
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
             }
         });
+    }
+
+    /// Bytes relayed so far: (to the server, from the server).
+    pub fn traffic(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        (
+            self.state.sent.load(Ordering::Relaxed),
+            self.state.received.load(Ordering::Relaxed),
+        )
     }
 
     /// Stops listening and cuts every open connection.
@@ -301,9 +321,21 @@ impl Drop for Relay {
     }
 }
 
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
+/// Copies `from` to `to` until either ends, telling `count` each chunk's size.
+fn pipe(mut from: TcpStream, mut to: TcpStream, count: impl Fn(u64) -> u64 + Send + 'static) {
     std::thread::spawn(move || {
-        let _ = std::io::copy(&mut from, &mut to);
+        let mut buffer = vec![0; 64 * 1024];
+        loop {
+            match from.read(&mut buffer) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buffer[..n]).is_err() {
+                        break;
+                    }
+                    count(n as u64);
+                }
+            }
+        }
         let _ = to.shutdown(std::net::Shutdown::Write);
     });
 }

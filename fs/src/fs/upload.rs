@@ -18,11 +18,42 @@ use futures::{StreamExt, TryStreamExt, stream};
 
 use super::{FileData, Filesystem, blocking, read_at};
 use crate::attrs::{Attrs, Kind};
-use crate::cache::RangeSet;
+use crate::cache::{Partial, RangeSet};
 use crate::error::{FsError, FsResult};
 use crate::journal::{Change, Entry};
 use crate::namespace::Remote;
-use crate::store::{ETag, ErrorKind, PutCondition, PutOptions, StoreError};
+use crate::store::{ETag, ErrorKind, GetOptions, PartSource, PutCondition, PutOptions, StoreError};
+
+/// A file's contents taken for an upload.
+struct Snapshot {
+    path: PathBuf,
+    size: u64,
+    /// The open file it was taken from, and its generation then.
+    holder: Option<(Arc<FileData>, u64)>,
+    /// For a partial file: where the bytes it lacks come from.
+    partial: Option<Partial>,
+}
+
+/// Copies the `spans` of `source` (below `size`) into a new file `target` of `size` bytes,
+/// leaving the rest as holes; returns `size`.
+fn copy_spans(source: &Path, target: &Path, size: u64, spans: &RangeSet) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: u64 = 1 << 20;
+    let from = std::fs::File::open(source)?;
+    let to = std::fs::File::create(target)?;
+    to.set_len(size)?;
+    let mut buffer = vec![0; CHUNK as usize];
+    for span in spans.spans() {
+        let mut at = span.start;
+        while at < span.end.min(size) {
+            let len = (span.end.min(size) - at).min(CHUNK) as usize;
+            from.read_exact_at(&mut buffer[..len], at)?;
+            to.write_all_at(&buffer[..len], at)?;
+            at += len as u64;
+        }
+    }
+    Ok(size)
+}
 
 /// How the uploader is doing, for reports and `cairn flush`.
 #[derive(Debug, Clone, Default)]
@@ -129,14 +160,22 @@ impl Filesystem {
                     }
                     other => other?,
                 };
-                let Some((snapshot, size, holder)) = snapshot else {
+                let Some(Snapshot {
+                    path: snapshot,
+                    size,
+                    holder,
+                    partial,
+                }) = snapshot
+                else {
                     return Ok(Applied::Moot(format!("the cache file of {key} is gone")));
                 };
-                let put = self.put_path(key, &snapshot, size, (*attrs).into()).await;
+                let put = self
+                    .put_path(key, &snapshot, size, (*attrs).into(), partial.as_ref())
+                    .await;
                 let path = snapshot.clone();
                 let _ = blocking(move || Ok(std::fs::remove_file(path)?)).await;
                 let etag = put?;
-                self.after_put(entry, cache_file, etag.clone(), size, holder)
+                self.after_put(entry, cache_file, etag.clone(), size, holder, partial)
                     .await?;
                 Ok(Applied::Done {
                     bytes: size,
@@ -371,41 +410,66 @@ impl Filesystem {
     }
 
     /// Copies a cache file to a snapshot under the file's lock (or, for a file no one has open,
-    /// while no one can open it). None if the cache file is gone.
-    async fn snapshot(
-        &self,
-        cache_file: &str,
-    ) -> FsResult<Option<(PathBuf, u64, Option<(Arc<FileData>, u64)>)>> {
+    /// while no one can open it). None if the cache file is gone. A partial file's snapshot holds
+    /// only its own bytes; the rest stay in the store.
+    async fn snapshot(&self, cache_file: &str) -> FsResult<Option<Snapshot>> {
         let registry = self.files.lock().await;
         let holder = registry.get(cache_file).and_then(std::sync::Weak::upgrade);
         let source = self.cache.path_of(cache_file);
         let target = self.cache.snapshot_path();
-        let copy = |source: PathBuf, target: PathBuf| {
-            blocking(move || match std::fs::copy(&source, &target) {
-                Ok(size) => Ok(Some(size)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => {
-                    let _ = std::fs::remove_file(&target);
-                    Err(e.into())
+        let copy = |source: PathBuf, target: PathBuf, partial: Option<(Partial, u64)>| {
+            blocking(move || {
+                let copied = match &partial {
+                    Some((partial, size)) => copy_spans(&source, &target, *size, &partial.changed),
+                    None => std::fs::copy(&source, &target),
+                };
+                match copied {
+                    Ok(size) => Ok(Some(size)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&target);
+                        Err(e.into())
+                    }
                 }
             })
         };
-        let (size, holder) = match holder {
+        let (size, holder, partial) = match holder {
             Some(data) => {
                 let content = data.content.lock().await;
                 drop(registry);
                 let generation = content.generation;
-                let size = copy(source, target.clone()).await?;
+                let partial = content.partial();
+                let sized = partial
+                    .clone()
+                    .map(|p| (p, data.size.load(Ordering::Acquire)));
+                let size = copy(source, target.clone(), sized).await?;
                 drop(content);
-                (size, Some((data, generation)))
+                (size, Some((data, generation)), partial)
             }
             None => {
-                let size = copy(source, target.clone()).await?;
+                let (cache, name) = (self.cache.clone(), cache_file.to_string());
+                let partial = blocking(move || cache.partial(&name)).await?;
+                let sized = match &partial {
+                    Some(p) => {
+                        let path = source.clone();
+                        let len =
+                            blocking(move || Ok(std::fs::metadata(path).map_or(0, |m| m.len())))
+                                .await?;
+                        Some((p.clone(), len))
+                    }
+                    None => None,
+                };
+                let size = copy(source, target.clone(), sized).await?;
                 drop(registry);
-                (size, None)
+                (size, None, partial)
             }
         };
-        Ok(size.map(|size| (target, size, holder)))
+        Ok(size.map(|size| Snapshot {
+            path: target,
+            size,
+            holder,
+            partial,
+        }))
     }
 
     /// With no room on the cache disk for a snapshot, uploads the cache file itself, holding the
@@ -426,22 +490,29 @@ impl Filesystem {
                 entry.key
             )));
         };
-        let (etag, generation) = match &holder {
+        let (etag, generation, partial) = match &holder {
             Some(data) => {
                 let content = data.content.lock().await;
                 drop(registry);
-                let etag = self.put_path(&entry.key, &path, size, attrs).await?;
-                (etag, content.generation)
+                let partial = content.partial();
+                let etag = self
+                    .put_path(&entry.key, &path, size, attrs, partial.as_ref())
+                    .await?;
+                (etag, content.generation, partial)
             }
             None => {
-                let etag = self.put_path(&entry.key, &path, size, attrs).await?;
+                let (cache, name) = (self.cache.clone(), cache_file.to_string());
+                let partial = blocking(move || cache.partial(&name)).await?;
+                let etag = self
+                    .put_path(&entry.key, &path, size, attrs, partial.as_ref())
+                    .await?;
                 drop(registry);
-                (etag, 0)
+                (etag, 0, partial)
             }
         };
         let holder = holder.map(|data| (data, generation));
         let etag_for_inode = etag.clone();
-        self.after_put(entry, cache_file, etag, size, holder)
+        self.after_put(entry, cache_file, etag, size, holder, partial)
             .await?;
         Ok(Applied::Done {
             bytes: size,
@@ -450,16 +521,25 @@ impl Filesystem {
     }
 
     /// Uploads `size` bytes of the file at `path` to `key`: one put, or a multipart upload with
-    /// parts in parallel for large files.
-    async fn put_path(&self, key: &str, path: &Path, size: u64, attrs: Attrs) -> FsResult<ETag> {
+    /// parts in parallel for large files. For a partial file, a part it holds none of is copied
+    /// from the base version inside the store, and the base's bytes of a part it holds some of
+    /// are fetched.
+    async fn put_path(
+        &self,
+        key: &str,
+        path: &Path,
+        size: u64,
+        attrs: Attrs,
+        partial: Option<&Partial>,
+    ) -> FsResult<ETag> {
         let metadata = attrs.encode();
         let path = path.to_path_buf();
         let file = Arc::new(blocking(move || Ok(std::fs::File::open(path)?)).await?);
         if size <= self.config.single_put_limit {
-            let body = blocking(move || read_at(&file, 0..size)).await?;
+            let body = self.read_part(key, &file, 0..size, partial).await?;
             let put = self
                 .store
-                .put(key, Bytes::from(body), PutOptions::with_metadata(metadata))
+                .put(key, body, PutOptions::with_metadata(metadata))
                 .await?;
             return Ok(put.etag);
         }
@@ -471,11 +551,22 @@ impl Filesystem {
                     let (file, upload) = (Arc::clone(&file), &upload);
                     async move {
                         let range = start..(start + part_size).min(size);
-                        let body = blocking(move || read_at(&file, range)).await?;
-                        let part = self
-                            .store
-                            .upload_part(key, upload, number, Bytes::from(body))
-                            .await?;
+                        if let Some(partial) = partial
+                            && partial.from_base(range.clone()) == [range.clone()]
+                        {
+                            let source = PartSource {
+                                key: key.to_string(),
+                                range,
+                                if_match: Some(partial.etag.clone()),
+                            };
+                            let part = self
+                                .store
+                                .upload_part_copy(key, upload, number, &source)
+                                .await?;
+                            return Ok::<_, FsError>(part);
+                        }
+                        let body = self.read_part(key, &file, range, partial).await?;
+                        let part = self.store.upload_part(key, upload, number, body).await?;
                         Ok::<_, FsError>(part)
                     }
                 })
@@ -499,6 +590,39 @@ impl Filesystem {
         }
     }
 
+    /// The bytes `range` of a file to upload: from its snapshot, and for a partial file, the
+    /// base version's bytes where the snapshot has none.
+    async fn read_part(
+        &self,
+        key: &str,
+        file: &Arc<std::fs::File>,
+        range: std::ops::Range<u64>,
+        partial: Option<&Partial>,
+    ) -> FsResult<Bytes> {
+        let file = Arc::clone(file);
+        let local = range.clone();
+        let mut body = blocking(move || read_at(&file, local)).await?;
+        for gap in partial
+            .map(|p| p.from_base(range.clone()))
+            .unwrap_or_default()
+        {
+            let options = GetOptions {
+                range: Some(gap.clone()),
+                if_match: partial.map(|p| p.etag.clone()),
+            };
+            let got = self.store.get(key, options).await?;
+            if got.range != gap {
+                return Err(FsError::Store(StoreError::new(
+                    ErrorKind::PreconditionFailed,
+                    format!("{key}: the store gave bytes {:?} of {gap:?}", got.range),
+                )));
+            }
+            let at = (gap.start - range.start) as usize;
+            body[at..at + got.body.len()].copy_from_slice(&got.body);
+        }
+        Ok(Bytes::from(body))
+    }
+
     /// After a file's upload: the file is clean if nothing changed since its snapshot, and its
     /// cache file becomes cached store data again.
     async fn after_put(
@@ -508,23 +632,54 @@ impl Filesystem {
         etag: ETag,
         size: u64,
         holder: Option<(Arc<FileData>, u64)>,
+        partial: Option<Partial>,
     ) -> FsResult<()> {
         let later = self
             .journal()
             .latest(&entry.key)
             .is_some_and(|e| e.seq != entry.seq);
         let mut clean = holder.is_none() && !later;
+        // What the cache file holds of the new version.
+        let mut present = partial
+            .as_ref()
+            .map_or_else(|| RangeSet::full(size), |p| p.changed.clone());
+        // A partial file still changed: what it lacks is now the new version's (it was copied
+        // there unchanged), so that becomes its base.
+        let mut rebased = None;
         if let Some((data, generation)) = &holder {
             let mut content = data.content.lock().await;
             if content.cache_name == cache_file && content.generation == *generation && !later {
                 content.dirty = false;
                 content.etag = Some(etag.clone());
                 content.remote_limit = size;
-                content.present = RangeSet::full(size);
+                if partial.is_none() {
+                    content.present = RangeSet::full(size);
+                }
+                present = content.present.clone();
                 content.kernel_cached = Some(etag.clone());
                 content.dirty_since = None;
                 clean = true;
+            } else if content.cache_name == cache_file && content.partial().is_some() {
+                content.etag = Some(etag.clone());
+                content.remote_limit = size.min(data.size.load(Ordering::Acquire));
+                rebased = content.partial();
             }
+        } else if later && let Some(partial) = &partial {
+            rebased = Some(Partial {
+                etag: etag.clone(),
+                base_end: size,
+                changed: partial.changed.clone(),
+            });
+        }
+        if let Some(rebased) = rebased {
+            let (cache, file) = (self.cache.clone(), cache_file.to_string());
+            blocking(move || {
+                if cache.partial(&file)?.is_some() {
+                    cache.record_partial(&file, &rebased)?;
+                }
+                Ok(())
+            })
+            .await?;
         }
         if clean {
             let (cache, key, file, etag) = (
@@ -533,7 +688,7 @@ impl Filesystem {
                 cache_file.to_string(),
                 etag,
             );
-            blocking(move || cache.record(&key, &file, &etag, &RangeSet::full(size))).await?;
+            blocking(move || cache.record(&key, &file, &etag, &present)).await?;
         }
         if let Some((data, _)) = holder {
             self.drop_if_clean(&data).await;

@@ -11,8 +11,8 @@ use bytes::Bytes;
 use md5::{Digest, Md5};
 
 use super::{
-    ErrorKind, GetOptions, ListOptions, MIN_PART_SIZE, Metadata, PutCondition, PutOptions,
-    SharedStore, Store, StoreExt,
+    ETag, ErrorKind, GetOptions, ListOptions, MIN_PART_SIZE, Metadata, PartSource, PutCondition,
+    PutOptions, SharedStore, Store, StoreExt,
 };
 
 /// An empty store for one case, and whatever must live as long as it (a temporary directory).
@@ -423,15 +423,30 @@ pub async fn read_if_match(store: &dyn Store) {
 pub async fn multipart_with_a_copied_part(store: &dyn Store) {
     let part = MIN_PART_SIZE as usize;
     let source = pattern(part + 1024 * 1024, 1);
-    put(store, "mp/source", source.clone()).await;
+    let source_etag = put(store, "mp/source", source.clone()).await;
     let fresh = pattern(part, 2);
+    let from_source = |range: std::ops::Range<u64>, if_match: Option<ETag>| PartSource {
+        key: "mp/source".into(),
+        range,
+        if_match,
+    };
 
     let upload = store
         .start_multipart("mp/joined", posix_metadata())
         .await
         .expect("start");
+    let stale = store
+        .upload_part_copy(
+            "mp/joined",
+            &upload,
+            1,
+            &from_source(0..1024, Some(ETag("\"0000\"".into()))),
+        )
+        .await
+        .expect_err("a copy from a version the source no longer has");
+    assert_eq!(stale.kind(), ErrorKind::PreconditionFailed, "{stale}");
     let p1 = store
-        .upload_part_copy("mp/joined", &upload, 1, "mp/source", 0..part as u64)
+        .upload_part_copy("mp/joined", &upload, 1, &from_source(0..part as u64, None))
         .await
         .expect("part 1 copied from a range of another object");
     let p2 = store
@@ -440,7 +455,12 @@ pub async fn multipart_with_a_copied_part(store: &dyn Store) {
         .expect("part 2");
     let tail = part as u64..source.len() as u64;
     let p3 = store
-        .upload_part_copy("mp/joined", &upload, 3, "mp/source", tail.clone())
+        .upload_part_copy(
+            "mp/joined",
+            &upload,
+            3,
+            &from_source(tail.clone(), Some(source_etag.clone())),
+        )
         .await
         .expect("part 3 copied");
     store

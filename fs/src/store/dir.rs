@@ -36,9 +36,9 @@ use serde::{Deserialize, Serialize};
 use super::listing::{Listed, after_token, paginate};
 use super::{
     CompletedPart, ETag, ErrorKind, GetOptions, GetResult, ListEntry, ListOptions, ListPage,
-    MAX_LIST_PAGE, Metadata, ObjectInfo, PutCondition, PutOptions, PutResult, Result, Store,
-    StoreError, UploadId, check_key, check_metadata, check_parts, clamp_range, condition_holds,
-    multipart_etag,
+    MAX_LIST_PAGE, Metadata, ObjectInfo, PartSource, PutCondition, PutOptions, PutResult, Result,
+    Store, StoreError, UploadId, check_key, check_metadata, check_parts, clamp_range,
+    condition_holds, multipart_etag,
 };
 
 /// Characters a segment keeps escaped on disk.
@@ -677,12 +677,22 @@ impl Store for DirStore {
         key: &str,
         upload: &UploadId,
         part_number: u32,
-        source_key: &str,
-        source_range: Range<u64>,
+        source: &PartSource,
     ) -> Result<CompletedPart> {
-        let (key, upload, source_key) = (key.to_string(), upload.clone(), source_key.to_string());
+        let (key, upload, source) = (key.to_string(), upload.clone(), source.clone());
         self.blocking(move |root| {
+            let (source_key, source_range) = (source.key, source.range);
             let (file, info) = open_object(root, &source_key)?;
+            if source
+                .if_match
+                .as_ref()
+                .is_some_and(|etag| *etag != info.etag)
+            {
+                return Err(StoreError::new(
+                    ErrorKind::PreconditionFailed,
+                    format!("{source_key} is no longer version {:?}", source.if_match),
+                ));
+            }
             if source_range.start >= source_range.end || source_range.end > info.size {
                 return Err(StoreError::invalid(format!(
                     "range {source_range:?} is not inside {source_key} ({} bytes)",

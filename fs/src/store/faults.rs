@@ -3,7 +3,6 @@
 //! store.
 
 use std::collections::HashMap;
-use std::ops::Range;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -11,7 +10,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{
-    CompletedPart, GetOptions, GetResult, ListOptions, ListPage, Metadata, ObjectInfo,
+    CompletedPart, GetOptions, GetResult, ListOptions, ListPage, Metadata, ObjectInfo, PartSource,
     PutCondition, PutOptions, PutResult, Result, SharedStore, Store, StoreError, UploadId,
 };
 
@@ -203,12 +202,11 @@ impl Store for FaultyStore {
         key: &str,
         upload: &UploadId,
         part_number: u32,
-        source_key: &str,
-        source_range: Range<u64>,
+        source: &PartSource,
     ) -> Result<CompletedPart> {
         self.enter(Op::UploadPartCopy).await?;
         self.inner
-            .upload_part_copy(key, upload, part_number, source_key, source_range)
+            .upload_part_copy(key, upload, part_number, source)
             .await
     }
 

@@ -3,7 +3,6 @@
 //! a real store, but it is never a stand-in for S3 in a test that claims S3 behaviour.
 
 use std::collections::{BTreeMap, HashMap};
-use std::ops::Range;
 use std::sync::Mutex;
 use std::time::SystemTime;
 
@@ -12,10 +11,10 @@ use bytes::{Bytes, BytesMut};
 
 use super::listing::{paginate, roll_up};
 use super::{
-    CompletedPart, ETag, GetOptions, GetResult, ListEntry, ListOptions, ListPage, Metadata,
-    ObjectInfo, PutCondition, PutOptions, PutResult, Result, Store, StoreError, UploadId,
-    check_key, check_metadata, check_parts, clamp_range, condition_holds, content_etag,
-    multipart_etag,
+    CompletedPart, ETag, ErrorKind, GetOptions, GetResult, ListEntry, ListOptions, ListPage,
+    Metadata, ObjectInfo, PartSource, PutCondition, PutOptions, PutResult, Result, Store,
+    StoreError, UploadId, check_key, check_metadata, check_parts, clamp_range, condition_holds,
+    content_etag, multipart_etag,
 };
 
 #[derive(Debug, Clone)]
@@ -191,19 +190,27 @@ impl Store for MemoryStore {
         key: &str,
         upload: &UploadId,
         part_number: u32,
-        source_key: &str,
-        source_range: Range<u64>,
+        source: &PartSource,
     ) -> Result<CompletedPart> {
-        let source = self.object(source_key)?;
-        let size = source.body.len() as u64;
-        if source_range.start >= source_range.end || source_range.end > size {
+        let (source_key, range) = (&source.key, &source.range);
+        let object = self.object(source_key)?;
+        let size = object.body.len() as u64;
+        if source
+            .if_match
+            .as_ref()
+            .is_some_and(|etag| *etag != object.etag)
+        {
+            return Err(StoreError::new(
+                ErrorKind::PreconditionFailed,
+                format!("{source_key} is no longer version {:?}", source.if_match),
+            ));
+        }
+        if range.start >= range.end || range.end > size {
             return Err(StoreError::invalid(format!(
-                "range {source_range:?} is not inside {source_key} ({size} bytes)"
+                "range {range:?} is not inside {source_key} ({size} bytes)"
             )));
         }
-        let body = source
-            .body
-            .slice(source_range.start as usize..source_range.end as usize);
+        let body = object.body.slice(range.start as usize..range.end as usize);
         self.add_part(key, upload, part_number, body)
     }
 

@@ -145,6 +145,14 @@ pub struct GetResult {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct UploadId(pub String);
 
+/// Where a copied part's bytes come from: a range of an object, of one version if `if_match`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartSource {
+    pub key: String,
+    pub range: Range<u64>,
+    pub if_match: Option<ETag>,
+}
+
 /// What the store answered for one uploaded part; completion needs all of them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CompletedPart {
@@ -180,14 +188,14 @@ pub trait Store: fmt::Debug + Send + Sync + 'static {
         body: Bytes,
     ) -> Result<CompletedPart>;
 
-    /// Uploads a part whose bytes are a range of another object, copied inside the store.
+    /// Uploads a part whose bytes are a range of an object, copied inside the store; fails with
+    /// `PreconditionFailed` if the source no longer has the ETag `source.if_match` names.
     async fn upload_part_copy(
         &self,
         key: &str,
         upload: &UploadId,
         part_number: u32,
-        source_key: &str,
-        source_range: Range<u64>,
+        source: &PartSource,
     ) -> Result<CompletedPart>;
 
     /// Joins the parts, in part-number order, into the object, if the condition holds.

@@ -4,7 +4,6 @@
 //! variables and profiles; credentials from the standard AWS chain, a named profile, or a secret
 //! file. The SDK retries throttling, 5xx answers and timeouts with backoff.
 
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -30,8 +29,8 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
 use super::{
     CompletedPart, ETag, ErrorKind, GetOptions, GetResult, ListEntry, ListOptions, ListPage,
-    Metadata, ObjectInfo, PutCondition, PutOptions, PutResult, Result, Store, StoreError, UploadId,
-    check_key, check_metadata, clamp_range,
+    Metadata, ObjectInfo, PartSource, PutCondition, PutOptions, PutResult, Result, Store,
+    StoreError, UploadId, check_key, check_metadata, clamp_range,
 };
 
 /// How to reach a bucket. Unset fields fall back to the standard AWS configuration.
@@ -505,9 +504,20 @@ impl Store for S3Store {
         key: &str,
         upload: &UploadId,
         part_number: u32,
-        source_key: &str,
-        source_range: Range<u64>,
+        part_source: &PartSource,
     ) -> Result<CompletedPart> {
+        let (source_key, source_range) = (&part_source.key, &part_source.range);
+        // Some S3-compatible servers ignore x-amz-copy-source-if-match (moto does): check the
+        // version first as well; S3 itself then also enforces the header atomically.
+        if let Some(wanted) = &part_source.if_match {
+            let current = self.head(source_key).await?.etag;
+            if current != *wanted {
+                return Err(StoreError::new(
+                    ErrorKind::PreconditionFailed,
+                    format!("{source_key} is no longer version {wanted}, but {current}"),
+                ));
+            }
+        }
         let full = self.full_key(key)?;
         let source = self.full_key(source_key)?;
         if source_range.start >= source_range.end {
@@ -523,6 +533,7 @@ impl Store for S3Store {
             .upload_id(&upload.0)
             .part_number(part_number as i32)
             .copy_source(self.copy_source(&source))
+            .set_copy_source_if_match(part_source.if_match.as_ref().map(|e| e.0.clone()))
             .copy_source_range(format!(
                 "bytes={}-{}",
                 source_range.start,
