@@ -10,6 +10,7 @@
 #   1. a sequential write of BENCH_MIB MiB (dd, 1 MiB blocks), timed until close() returns;
 #   2. 10,000 files of 4 KiB created;
 #   3. untar of a real source tree (the aws-sdk-s3 crate from cargo's cache: ~1,350 files);
+#   4. 16 bytes changed in the middle of the big file, remounted on an empty cache;
 #   and after each, `cairn flush`: the time until the store holds everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,6 +73,16 @@ run() { # name, command (with DIR placeholder)
 run "sequential write, $MIB MiB, until close()" "dd if=/dev/zero of=DIR/big bs=1M count=$MIB status=none"
 run "10,000 files of 4 KiB" "small_files DIR"
 run "untar $(basename "$SOURCE" .crate) ($(tar tzf "$SOURCE" | wc -l) files)" "mkdir -p DIR/src && tar xzf $SOURCE -C DIR/src"
+
+# A small change to a large stored file that is not cached here: remount on an empty cache,
+# then change 16 bytes in the middle of the big file (the upload copies the other parts inside
+# the store).
+kill -TERM "$MOUNT_PID"; wait "$MOUNT_PID" || true
+"$CAIRN" mount "$SPEC" "$MNT" --cache-dir "$WORK/cache-cold" --cache-size 64G >>"$WORK/mount.log" 2>&1 &
+MOUNT_PID=$!
+for _ in $(seq 100); do grep -q " $MNT " /proc/mounts && break; sleep 0.1; done
+run "16 bytes changed mid-file of the $MIB MiB file, cold cache" \
+    "printf 'sixteen  bytes!!' | dd of=DIR/big bs=16 seek=$((MIB * 32768)) conv=notrunc status=none"
 
 echo "cairn write-back benchmark, $(date -u +%Y-%m-%d), $(nproc) cores, moto $("$MOTO" --version 2>/dev/null || echo 5.2.5) on loopback"
 echo

@@ -1831,15 +1831,19 @@ impl Filesystem {
             .await?;
         let file = Arc::clone(&content.file);
         blocking(move || Ok(file.set_len(new_size)?)).await?;
+        let (cache, name) = (self.cache.clone(), content.cache_name.clone());
         match content.partial() {
             Some(mut partial) => {
                 content.present.truncate(new_size);
                 content.changed.truncate(new_size);
                 partial.changed = content.changed.clone();
-                let (cache, name) = (self.cache.clone(), content.cache_name.clone());
                 blocking(move || cache.record_partial(&name, &partial)).await?;
             }
-            None => content.present = RangeSet::full(new_size),
+            None => {
+                // Cut to nothing of its base version: no longer partial, if it was.
+                content.present = RangeSet::full(new_size);
+                blocking(move || cache.forget_partial(&name)).await?;
+            }
         }
         data.size.store(new_size, Ordering::Release);
         drop(content);

@@ -221,3 +221,30 @@ async fn a_base_replaced_by_another_writer_is_never_mixed_in() {
     );
     assert!(fs.upload_status().last_error.is_some());
 }
+
+#[tokio::test]
+async fn a_partial_file_cut_to_nothing_is_whole_again_after_a_crash() {
+    let setup = Setup::new().await;
+    let slow = FsConfig {
+        writeback_delay: Duration::from_secs(3600),
+        ..config()
+    };
+    let (fs, uploader) = setup.mount_with(slow.clone());
+    let ino = fs.lookup(ROOT, OsStr::new("big")).await.unwrap().ino;
+    let fh = fs.open(ino, libc::O_RDWR).await.unwrap().fh;
+    fs.write(fh, 4 * MIB, b"gone soon").await.unwrap();
+    let empty = cairn_fs::fs::SetAttrs {
+        size: Some(0),
+        ..Default::default()
+    };
+    fs.setattr(ino, empty).await.unwrap();
+    fs.write(fh, 0, b"all there is").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    uploader.abort();
+    let _ = uploader.await;
+    drop(fs);
+
+    let (fs, _uploader) = setup.mount_with(slow);
+    fs.drain(Some(Duration::from_secs(30))).await.unwrap();
+    assert_eq!(setup.stored("big").await, b"all there is");
+}
