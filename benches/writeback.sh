@@ -48,8 +48,8 @@ MOUNT_PID=$!
 for _ in $(seq 100); do grep -q " $MNT " /proc/mounts && break; sleep 0.1; done
 
 now() { date +%s.%N; }
-elapsed() { python3 -c "print(f'{$2 - $1:.2f}')"; }
-ratio() { python3 -c "print(f'{$1 / $2:.2f}x')"; }
+elapsed() { python3 -c "print(f'{$2 - $1:.3f}')"; }
+ratio() { python3 -c "print(f'{$1 / $2:.1f}x' if $2 > 0 else 'n/a')"; }
 
 small_files() {
     mkdir -p "$1/small"

@@ -493,7 +493,7 @@ impl Driver {
         let id = MountId::parse(id).map_err(DriverError::Invalid)?;
         let lock = self.lock(&name);
         let _held = lock.lock().await;
-        self.lookup(&name).await?;
+        // No record lookup: a volume another host removed meanwhile must still unmount here.
         let key = name.to_string();
         let remaining = self
             .registry(move |r| r.remove_mount(&key, id.as_str()))

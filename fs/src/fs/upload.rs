@@ -8,6 +8,7 @@
 //! report shows, and the periodic work (uploading files kept open and written, evicting clean
 //! cached data beyond the cache size).
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -53,6 +54,28 @@ fn copy_spans(source: &Path, target: &Path, size: u64, spans: &RangeSet) -> std:
         }
     }
     Ok(size)
+}
+
+/// The largest part S3 takes (a copied part may be this large).
+const MAX_PART: u64 = 5 << 30;
+
+/// The parts of a multipart upload of `size` bytes: ranges of `part_size`, and for a partial
+/// file, whether each is copied from its base version inside the store. Neighbouring parts the
+/// file holds no byte of become one copied part (up to [`MAX_PART`]), so a small change to a
+/// large file takes a few requests, not one per part.
+fn plan_parts(size: u64, part_size: u64, partial: Option<&Partial>) -> Vec<(Range<u64>, bool)> {
+    let mut plan: Vec<(Range<u64>, bool)> = Vec::new();
+    for start in (0..size).step_by(part_size as usize) {
+        let range = start..(start + part_size).min(size);
+        let copied = partial.is_some_and(|p| p.from_base(range.clone()) == [range.clone()]);
+        match plan.last_mut() {
+            Some((last, true)) if copied && range.end - last.start <= MAX_PART => {
+                last.end = range.end;
+            }
+            _ => plan.push((range, copied)),
+        }
+    }
+    plan
 }
 
 /// How the uploader is doing, for reports and `cairn flush`.
@@ -543,36 +566,34 @@ impl Filesystem {
                 .await?;
             return Ok(put.etag);
         }
-        let part_size = self.config.part_size;
+        let plan = plan_parts(size, self.config.part_size, partial);
         let upload = self.store.start_multipart(key, metadata).await?;
-        let parts =
-            stream::iter((0..size.div_ceil(part_size)).map(|i| (i as u32 + 1, i * part_size)))
-                .map(|(number, start)| {
-                    let (file, upload) = (Arc::clone(&file), &upload);
-                    async move {
-                        let range = start..(start + part_size).min(size);
-                        if let Some(partial) = partial
-                            && partial.from_base(range.clone()) == [range.clone()]
-                        {
-                            let source = PartSource {
-                                key: key.to_string(),
-                                range,
-                                if_match: Some(partial.etag.clone()),
-                            };
-                            let part = self
-                                .store
-                                .upload_part_copy(key, upload, number, &source)
-                                .await?;
-                            return Ok::<_, FsError>(part);
-                        }
-                        let body = self.read_part(key, &file, range, partial).await?;
-                        let part = self.store.upload_part(key, upload, number, body).await?;
-                        Ok::<_, FsError>(part)
+        let parts = stream::iter(plan.into_iter().zip(1u32..))
+            .map(|((range, copied), number)| {
+                let (file, upload) = (Arc::clone(&file), &upload);
+                async move {
+                    if let Some(partial) = partial
+                        && copied
+                    {
+                        let source = PartSource {
+                            key: key.to_string(),
+                            range,
+                            if_match: Some(partial.etag.clone()),
+                        };
+                        let part = self
+                            .store
+                            .upload_part_copy(key, upload, number, &source)
+                            .await?;
+                        return Ok::<_, FsError>(part);
                     }
-                })
-                .buffered(self.config.concurrency)
-                .try_collect::<Vec<_>>()
-                .await;
+                    let body = self.read_part(key, &file, range, partial).await?;
+                    let part = self.store.upload_part(key, upload, number, body).await?;
+                    Ok::<_, FsError>(part)
+                }
+            })
+            .buffered(self.config.concurrency)
+            .try_collect::<Vec<_>>()
+            .await;
         let completed = match parts {
             Ok(parts) => self
                 .store
@@ -852,5 +873,43 @@ impl Filesystem {
         );
         let (cache, limit) = (self.cache.clone(), self.config.cache_size);
         blocking(move || cache.evict(limit, &keep)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ETag;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn unchanged_neighbouring_parts_are_copied_as_one() {
+        let mut changed = RangeSet::default();
+        changed.insert(20 * MIB..20 * MIB + 16);
+        let partial = Partial {
+            etag: ETag("\"base\"".into()),
+            base_end: 64 * MIB,
+            changed,
+        };
+        let plan = plan_parts(70 * MIB, 8 * MIB, Some(&partial));
+        assert_eq!(
+            plan,
+            [
+                (0..16 * MIB, true),
+                (16 * MIB..24 * MIB, false),
+                (24 * MIB..64 * MIB, true),
+                (64 * MIB..70 * MIB, false),
+            ]
+        );
+        let whole = plan_parts(20 * MIB, 8 * MIB, None);
+        assert_eq!(
+            whole,
+            [
+                (0..8 * MIB, false),
+                (8 * MIB..16 * MIB, false),
+                (16 * MIB..20 * MIB, false)
+            ]
+        );
     }
 }
