@@ -268,30 +268,16 @@ fn the_mount_flag_creates_and_mounts(kind: StoreKind) {
 fn a_bad_option_shows_cairns_message(kind: StoreKind) {
     let mut world = World::new(kind);
     let name = world.volume("bad");
-    let output = docker(&[
-        "volume",
-        "create",
-        "-d",
-        &world.driver,
-        "-o",
-        "colour=red",
-        &name,
-    ]);
+    let create_with =
+        |option: &str| docker(&["volume", "create", "-d", &world.driver, "-o", option, &name]);
+    let output = create_with("colour=red");
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains("unknown volume option \"colour\"") && stderr.contains("cache_size"),
         "{stderr}"
     );
-    let output = docker(&[
-        "volume",
-        "create",
-        "-d",
-        &world.driver,
-        "-o",
-        "fsync=never",
-        &name,
-    ]);
+    let output = create_with("fsync=never");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains("fsync") && stderr.contains("store or local"),

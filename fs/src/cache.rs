@@ -334,13 +334,7 @@ impl Cache {
             "INSERT INTO objects (key, etag, file, used) VALUES (?1, ?2, ?3, ?4)",
             params![key, etag.0, file, now_seconds()],
         )?;
-        tx.execute("DELETE FROM ranges WHERE file = ?1", params![file])?;
-        for span in present.spans() {
-            tx.execute(
-                "INSERT INTO ranges (file, start, end) VALUES (?1, ?2, ?3)",
-                params![file, span.start as i64, span.end as i64],
-            )?;
-        }
+        write_ranges(&tx, file, present)?;
         tx.commit()?;
         Ok(())
     }
@@ -353,13 +347,7 @@ impl Cache {
             "INSERT OR REPLACE INTO partial (file, etag, base_end) VALUES (?1, ?2, ?3)",
             params![file, partial.etag.0, partial.base_end as i64],
         )?;
-        tx.execute("DELETE FROM ranges WHERE file = ?1", params![file])?;
-        for span in partial.changed.spans() {
-            tx.execute(
-                "INSERT INTO ranges (file, start, end) VALUES (?1, ?2, ?3)",
-                params![file, span.start as i64, span.end as i64],
-            )?;
-        }
+        write_ranges(&tx, file, &partial.changed)?;
         tx.commit()?;
         Ok(())
     }
@@ -459,6 +447,18 @@ fn free_bytes(dir: &Path) -> Option<u64> {
     let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::statvfs(path.as_ptr(), &mut stats) };
     (rc == 0).then(|| stats.f_bavail * stats.f_frsize)
+}
+
+/// Replaces the spans the ranges table holds for `file`.
+fn write_ranges(tx: &rusqlite::Transaction<'_>, file: &str, spans: &RangeSet) -> FsResult<()> {
+    tx.execute("DELETE FROM ranges WHERE file = ?1", params![file])?;
+    for span in spans.spans() {
+        tx.execute(
+            "INSERT INTO ranges (file, start, end) VALUES (?1, ?2, ?3)",
+            params![file, span.start as i64, span.end as i64],
+        )?;
+    }
+    Ok(())
 }
 
 /// The spans of `file` the ranges table holds.
