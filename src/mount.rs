@@ -4,11 +4,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_driver::options::{parse_octal, parse_size};
 use cairn_fs::attrs::Defaults;
 use cairn_fs::fs::FsConfig;
+use cairn_fs::lease::{self, Lease, LeaseError, LeaseOptions};
 use cairn_fs::mount::{MountOptions, mount};
 use cairn_fs::store::{StoreSpec, open_store};
 use tokio::signal::unix::{SignalKind, signal};
@@ -56,6 +58,19 @@ pub struct MountArgs {
     /// writers wait for uploads when changed data fills it.
     #[arg(long, default_value = "10G", value_parser = parse_size)]
     pub cache_size: u64,
+    /// Hold the exclusive lease of volume LEASE_NAME in this store (its root, where `.cairn/`
+    /// is) while mounted: taken before mounting, renewed, released after the last upload.
+    #[arg(long, requires = "lease_name")]
+    pub lease_store: Option<String>,
+    /// The volume whose lease to hold.
+    #[arg(long, requires = "lease_store")]
+    pub lease_name: Option<String>,
+    /// This host's name in leases. Default: the hostname.
+    #[arg(long)]
+    pub host_id: Option<String>,
+    /// Seconds a lease lasts without renewal; another host may take it over after that.
+    #[arg(long, default_value_t = 30.0)]
+    pub lease_ttl: f64,
 }
 
 /// When fsync returns.
@@ -70,6 +85,115 @@ fn seconds(name: &str, value: f64) -> Result<Duration, String> {
         Ok(Duration::from_secs_f64(value))
     } else {
         Err(format!("--{name} must be a number of seconds, 0 or more"))
+    }
+}
+
+/// In the cache directory: the token of the lease this cache's changes were made under.
+const TOKEN_FILE: &str = "LEASE";
+/// In the cache directory: written when the lease was lost while mounted.
+const LOST_MARKER: &str = "LOST";
+
+/// Takes the volume's lease. A cache whose changes were made under a lease that is no longer
+/// this host's (lost while mounted, or taken over after a crash) is set aside first, so that
+/// nothing in it overwrites the new holder's data.
+async fn take_lease(
+    root: &str,
+    volume: &str,
+    host: String,
+    ttl: Duration,
+    cache_dir: &Path,
+) -> Result<Lease, String> {
+    let root_spec: StoreSpec = root
+        .parse()
+        .map_err(|e: cairn_fs::store::StoreError| e.message().to_string())?;
+    let store = open_store(&root_spec)
+        .await
+        .map_err(|e| format!("opening {root_spec}: {e}"))?;
+    let options = LeaseOptions {
+        store,
+        key: lease::lease_key(volume),
+        host,
+        ttl,
+    };
+    let token = std::fs::read_to_string(cache_dir.join(TOKEN_FILE)).ok();
+    let current = lease::read(&options.store, &options.key)
+        .await
+        .map_err(|e| format!("volume {volume}: {e}"))?;
+    let still_ours = token
+        .as_deref()
+        .is_some_and(|t| current.as_ref().is_some_and(|(r, _)| r.token == t));
+    if cache_dir.join(LOST_MARKER).exists() {
+        set_aside(cache_dir, "its lease was taken over while it was mounted")?;
+    } else if token.is_some() && !still_ours {
+        set_aside(
+            cache_dir,
+            "another host took the volume over after this host's mount ended uncleanly",
+        )?;
+    }
+    let token = token.filter(|_| still_ours);
+    let held = Lease::acquire(options, token.as_deref())
+        .await
+        .map_err(|e| format!("volume {volume}: {e}"))?;
+    std::fs::create_dir_all(cache_dir).map_err(|e| e.to_string())?;
+    std::fs::write(cache_dir.join(TOKEN_FILE), &held.record().token)
+        .and_then(|()| std::fs::File::open(cache_dir.join(TOKEN_FILE))?.sync_all())
+        .map_err(|e| format!("recording the lease in {}: {e}", cache_dir.display()))?;
+    Ok(held)
+}
+
+/// Moves a cache directory out of the way, keeping it for the operator.
+fn set_aside(cache_dir: &Path, why: &str) -> Result<(), String> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let name = cache_dir.file_name().unwrap_or_default().to_string_lossy();
+    let aside = cache_dir.with_file_name(format!("{name}.set-aside-{stamp}"));
+    std::fs::rename(cache_dir, &aside)
+        .map_err(|e| format!("setting the cache {} aside: {e}", cache_dir.display()))?;
+    eprintln!(
+        "warning: the cache's changes were not uploaded and never will be: {why}. They are kept \
+         in {} for you to inspect; the volume starts from what the store holds.",
+        aside.display()
+    );
+    Ok(())
+}
+
+/// Renews the lease every third of its TTL. When it is lost (taken over), or cannot be renewed
+/// before it expires, the mount stops writing to the store and marks its cache.
+async fn keep_lease(
+    held: Arc<tokio::sync::Mutex<Option<Lease>>>,
+    fs: Arc<cairn_fs::fs::Filesystem>,
+    lost_marker: PathBuf,
+) {
+    let mut renewed = std::time::Instant::now();
+    loop {
+        let ttl = match held.lock().await.as_ref() {
+            Some(lease) => lease.ttl(),
+            None => return,
+        };
+        tokio::time::sleep(ttl / 3).await;
+        let mut guard = held.lock().await;
+        let Some(lease) = guard.as_mut() else {
+            return;
+        };
+        let why = match lease.renew().await {
+            Ok(()) => {
+                renewed = std::time::Instant::now();
+                continue;
+            }
+            Err(lost @ LeaseError::Lost(_)) => lost.to_string(),
+            Err(err) if renewed.elapsed() >= ttl => {
+                format!("the lease could not be renewed before it expired ({err})")
+            }
+            Err(err) => {
+                tracing::warn!("renewing the lease: {err} (retrying)");
+                continue;
+            }
+        };
+        let _ = std::fs::write(&lost_marker, &why);
+        fs.fence(why);
+        *guard = None;
+        return;
     }
 }
 
@@ -109,6 +233,18 @@ async fn serve(args: MountArgs, state_dir: &Path) -> Result<(), String> {
     let store = open_store(&spec)
         .await
         .map_err(|e| format!("opening {spec}: {e}"))?;
+    let cache_dir = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| default_cache_dir(state_dir, &args.mountpoint));
+    let lease = match (&args.lease_store, &args.lease_name) {
+        (Some(root), Some(volume)) => {
+            let ttl = seconds("lease-ttl", args.lease_ttl)?;
+            let host = args.host_id.clone().unwrap_or_else(lease::default_host_id);
+            Some(take_lease(root, volume, host, ttl, &cache_dir).await?)
+        }
+        _ => None,
+    };
     let options = MountOptions {
         fs: FsConfig {
             defaults: Defaults {
@@ -125,10 +261,7 @@ async fn serve(args: MountArgs, state_dir: &Path) -> Result<(), String> {
             cache_size: args.cache_size,
             ..FsConfig::default()
         },
-        cache_dir: args
-            .cache_dir
-            .clone()
-            .unwrap_or_else(|| default_cache_dir(state_dir, &args.mountpoint)),
+        cache_dir: cache_dir.clone(),
         source: format!("cairn:{spec}"),
     };
     let mounted = mount(
@@ -139,6 +272,15 @@ async fn serve(args: MountArgs, state_dir: &Path) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     eprintln!("mounted {spec} on {}", args.mountpoint.display());
+    let lease = lease.map(|held| Arc::new(tokio::sync::Mutex::new(Some(held))));
+    let renewal = lease.as_ref().map(|held| {
+        let fs = Arc::clone(mounted.filesystem());
+        tokio::spawn(keep_lease(
+            Arc::clone(held),
+            fs,
+            cache_dir.join(LOST_MARKER),
+        ))
+    });
 
     let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
@@ -154,7 +296,20 @@ async fn serve(args: MountArgs, state_dir: &Path) -> Result<(), String> {
         "unmounting {}; then uploading what is not yet in the store",
         args.mountpoint.display()
     );
-    mounted.unmount().await.map_err(|e| e.to_string())?;
+    let unmounted = mounted.unmount().await.map_err(|e| e.to_string());
+    if let (Some(renewal), Some(lease)) = (renewal, lease) {
+        renewal.abort();
+        let held = lease.lock().await.take();
+        // Give the lease up only once the store has everything; else it expires, and whoever
+        // takes it next makes this host set its cache aside.
+        if let (Some(held), Ok(())) = (held, &unmounted) {
+            held.release()
+                .await
+                .map_err(|e| format!("releasing the lease: {e}"))?;
+            let _ = std::fs::remove_file(cache_dir.join(TOKEN_FILE));
+        }
+    }
+    unmounted?;
     eprintln!("unmounted {}", args.mountpoint.display());
     Ok(())
 }

@@ -5,6 +5,8 @@
 //! ```toml
 //! socket = "/run/docker/plugins/cairn.sock"
 //! default_store = "s3"
+//! host_id = "web-1"      # default: the hostname
+//! lease_ttl = 30         # seconds
 //!
 //! [stores.s3]
 //! spec = "s3://my-bucket/volumes?region=eu-west-1&secret_file=/etc/cairn/s3.secret"
@@ -35,6 +37,11 @@ pub struct Config {
     pub default_store: String,
     /// Named stores volumes can live in.
     pub stores: BTreeMap<String, StoreConfig>,
+    /// This host's name in leases, errors and status. Default: the hostname.
+    pub host_id: Option<String>,
+    /// Seconds an exclusive volume's lease lasts without renewal: after a host dies, another
+    /// may take its volumes over this long after its last renewal.
+    pub lease_ttl: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -53,6 +60,8 @@ impl Default for Config {
             socket: DEFAULT_SOCKET.into(),
             default_store: EMBEDDED_STORE.into(),
             stores: BTreeMap::new(),
+            host_id: None,
+            lease_ttl: 30,
         }
     }
 }

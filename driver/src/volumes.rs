@@ -16,7 +16,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::config::{Config, EMBEDDED_STORE};
 use crate::names::{MountId, VolumeName};
-use crate::options::VolumeOptions;
+use crate::options::{Access, VolumeOptions};
 use crate::records::{self, VolumeRecord};
 use crate::registry::Registry;
 use crate::supervisor::{self, MountCommand};
@@ -69,6 +69,8 @@ struct NamedStore {
     spec: StoreSpec,
     store: SharedStore,
     shared: bool,
+    /// Whether the store honours conditional puts (checked on first need).
+    honours_conditions: tokio::sync::OnceCell<bool>,
 }
 
 /// The driver: the stores, the registry and the mount processes of one daemon.
@@ -81,6 +83,9 @@ pub struct Driver {
     stores: BTreeMap<String, NamedStore>,
     registry: Registry,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// This host's name in leases.
+    host_id: String,
+    lease_ttl: Duration,
 }
 
 fn local_error(dir: &Path, err: impl std::fmt::Display) -> DriverError {
@@ -168,6 +173,7 @@ impl Driver {
                     spec,
                     store,
                     shared,
+                    honours_conditions: tokio::sync::OnceCell::new(),
                 },
             );
         }
@@ -178,6 +184,11 @@ impl Driver {
             stores,
             registry,
             locks: Mutex::new(HashMap::new()),
+            host_id: config
+                .host_id
+                .clone()
+                .unwrap_or_else(cairn_fs::lease::default_host_id),
+            lease_ttl: Duration::from_secs(config.lease_ttl.max(1)),
         })
     }
 
@@ -269,6 +280,50 @@ impl Driver {
         })
     }
 
+    /// Refuses `access=exclusive` on a store that ignores conditional puts: a lease there would
+    /// protect nothing.
+    async fn check_exclusive(&self, store_name: &str) -> Result<(), DriverError> {
+        let store = self.named_store(store_name)?;
+        let honours = store
+            .honours_conditions
+            .get_or_try_init(|| cairn_fs::lease::store_honours_conditions(&store.store))
+            .await
+            .map_err(self.store_error(store_name))?;
+        if *honours {
+            return Ok(());
+        }
+        Err(DriverError::Invalid(format!(
+            "store {store_name:?} ignores conditional puts (a second If-None-Match: * put of one \
+             key succeeded), so an exclusive lease there would protect nothing: use \
+             -o access=shared (several hosts may write, the last writer wins) or \
+             -o access=readonly, or a store that honours conditional puts"
+        )))
+    }
+
+    /// Refuses early, with the holder's name, a Mount of a volume another host holds.
+    async fn check_lease(
+        &self,
+        name: &VolumeName,
+        options: &VolumeOptions,
+    ) -> Result<(), DriverError> {
+        let store = self.named_store(options.store())?;
+        let key = cairn_fs::lease::lease_key(name.as_str());
+        let current = cairn_fs::lease::read(&store.store, &key)
+            .await
+            .map_err(|e| DriverError::Conflict(format!("volume {name}: {e}")))?;
+        match current {
+            Some((record, _)) if record.is_live() && record.host != self.host_id => {
+                Err(DriverError::Conflict(format!(
+                    "volume {name} is in use by {}; this is host {}: stop the volume's container \
+                     there (or, if that host is gone, wait until the lease expires)",
+                    record.describe(),
+                    self.host_id
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// A volume's record: from the registry, else from whichever store has it.
     async fn lookup(&self, name: &VolumeName) -> Result<VolumeRecord, DriverError> {
         let key = name.to_string();
@@ -297,6 +352,9 @@ impl Driver {
         let options =
             VolumeOptions::parse(given, &self.default_store).map_err(DriverError::Invalid)?;
         let store = self.named_store(options.store())?;
+        if options.access() == Access::Exclusive {
+            self.check_exclusive(options.store()).await?;
+        }
         let lock = self.lock(&name);
         let _held = lock.lock().await;
         let same_as = |existing: &VolumeRecord| {
@@ -348,6 +406,9 @@ impl Driver {
             return Err(DriverError::Conflict(format!(
                 "volume {name} is in use by {in_use} container mount(s); stop them first"
             )));
+        }
+        if options.access() == Access::Exclusive {
+            self.check_lease(&name, &options).await?;
         }
         let key = name.to_string();
         if let Some(process) = self.registry(move |r| r.process(&key)).await? {
@@ -465,6 +526,22 @@ impl Driver {
             supervisor::clean_dead_mount(&mountpoint).await;
         }
         let volume_dir = self.volume_dir(name);
+        let mut flags = options.mount_flags();
+        if options.access() == Access::Exclusive {
+            self.check_exclusive(options.store()).await?;
+            self.check_lease(name, options).await?;
+            let store = self.named_store(options.store())?;
+            flags.extend([
+                "--lease-store".to_string(),
+                store.spec.to_string(),
+                "--lease-name".to_string(),
+                name.to_string(),
+                "--host-id".to_string(),
+                self.host_id.clone(),
+                "--lease-ttl".to_string(),
+                self.lease_ttl.as_secs().to_string(),
+            ]);
+        }
         let command = MountCommand {
             program: self.program.clone(),
             state_dir: self.state_dir.clone(),
@@ -472,7 +549,7 @@ impl Driver {
             mountpoint: mountpoint.clone(),
             cache_dir: volume_dir.join("cache"),
             log: volume_dir.join("mount.log"),
-            flags: options.mount_flags(),
+            flags,
         };
         std::fs::create_dir_all(&volume_dir).map_err(|e| local_error(&volume_dir, e))?;
         let process = supervisor::start(&command)
@@ -551,6 +628,16 @@ impl Driver {
             json!(self.data_spec(record, &options)?.to_string()),
         );
         status.insert("options".into(), json!(record.options));
+        status.insert("host".into(), json!(self.host_id));
+        let store = self.named_store(options.store())?;
+        let key = cairn_fs::lease::lease_key(name.as_str());
+        if let Ok(Some((lease, _))) = cairn_fs::lease::read(&store.store, &key).await {
+            let state = if lease.is_live() { "" } else { ", expired" };
+            status.insert(
+                "lease".into(),
+                json!(format!("{}{state}", lease.describe())),
+            );
+        }
         let key = name.to_string();
         let mounts = self.registry(move |r| r.mount_count(&key)).await?;
         status.insert("mounts".into(), json!(mounts));

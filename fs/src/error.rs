@@ -33,6 +33,9 @@ pub enum FsError {
     Io(#[from] std::io::Error),
     #[error("cache index: {0}")]
     Index(#[from] rusqlite::Error),
+    /// This mount may no longer write to the store (its lease was taken over).
+    #[error("{0}")]
+    Fenced(String),
 }
 
 impl FsError {
@@ -50,6 +53,7 @@ impl FsError {
             Self::NotSupported(_) => libc::EOPNOTSUPP,
             Self::BadHandle => libc::EBADF,
             Self::NotPermitted => libc::EPERM,
+            Self::Fenced(_) => libc::EIO,
             Self::Store(err) => match err.kind() {
                 ErrorKind::NotFound => libc::ENOENT,
                 ErrorKind::AccessDenied => libc::EACCES,

@@ -220,6 +220,8 @@ pub struct Filesystem {
     attempts: Mutex<HashMap<u64, u32>>,
     /// Bytes of changed data not yet in the store (refreshed by the uploader).
     dirty_bytes: AtomicU64,
+    /// Set when this mount may no longer write to the store (its lease was taken over): why.
+    fenced: Mutex<Option<String>>,
 }
 
 fn check_name(name: &OsStr) -> FsResult<String> {
@@ -286,6 +288,7 @@ impl Filesystem {
             status: Mutex::new(Status::default()),
             attempts: Mutex::new(HashMap::new()),
             dirty_bytes: AtomicU64::new(0),
+            fenced: Mutex::new(None),
         };
         fs.remove_orphaned_cache_files()?;
         Ok(fs)
@@ -339,7 +342,7 @@ impl Filesystem {
     }
 
     fn writable(&self) -> FsResult<()> {
-        if self.config.read_only {
+        if self.config.read_only || self.fenced().is_some() {
             Err(FsError::ReadOnly)
         } else {
             Ok(())

@@ -9,6 +9,7 @@ pub mod error;
 pub mod fs;
 pub mod fuse;
 pub mod journal;
+pub mod lease;
 pub mod mount;
 pub mod namespace;
 pub mod store;

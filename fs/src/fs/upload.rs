@@ -132,7 +132,7 @@ impl Filesystem {
                 self.config.uploads_in_flight
             };
             let room = limit.saturating_sub(in_flight.load(Ordering::Acquire));
-            let batch = if room > 0 {
+            let batch = if room > 0 && self.fenced().is_none() {
                 self.journal().take_runnable(SystemTime::now(), room)
             } else {
                 Vec::new()
@@ -415,6 +415,29 @@ impl Filesystem {
 
     fn status(&self) -> std::sync::MutexGuard<'_, Status> {
         self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stops every write to the store for good (the lease was taken over): pending changes stay
+    /// in the cache, writes fail with EROFS, and waits for uploads fail with `why`.
+    pub fn fence(&self, why: String) {
+        tracing::error!("{why}: no more uploads from this mount; its changes stay in the cache");
+        {
+            let mut status = self.status();
+            status.last_error = Some((SystemTime::now(), why.clone()));
+            status.failing = true;
+            status.permanent = true;
+        }
+        *self.fenced.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        self.progress.notify_waiters();
+        self.wake.notify_one();
+    }
+
+    /// Why this mount may no longer write to the store, if so.
+    pub fn fenced(&self) -> Option<String> {
+        self.fenced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// How the uploader is doing.
@@ -761,6 +784,9 @@ impl Filesystem {
             if !self.journal().pending_up_to(seq) {
                 return Ok(());
             }
+            if let Some(why) = self.fenced() {
+                return Err(FsError::Fenced(why));
+            }
             notified.await;
         }
     }
@@ -791,6 +817,11 @@ impl Filesystem {
             let left = self.journal().len();
             if left == 0 {
                 return Ok(());
+            }
+            if let Some(why) = self.fenced() {
+                return Err(FsError::Fenced(format!(
+                    "{why}; {left} changes stay in the cache, not uploaded"
+                )));
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 let why = self
