@@ -158,6 +158,10 @@ fn set_aside(cache_dir: &Path, why: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The share of a lease's TTL, counted from when its renewal was asked, during which uploads
+/// may go on: the rest is a margin for clocks and slow requests.
+const UPLOAD_SHARE: f64 = 0.8;
+
 /// Renews the lease every third of its TTL. When it is lost (taken over), or cannot be renewed
 /// before it expires, the mount stops writing to the store and marks its cache.
 async fn keep_lease(
@@ -176,9 +180,11 @@ async fn keep_lease(
         let Some(lease) = guard.as_mut() else {
             return;
         };
+        let asked = std::time::Instant::now();
         let why = match lease.renew().await {
             Ok(()) => {
-                renewed = std::time::Instant::now();
+                renewed = asked;
+                fs.allow_uploads_until(asked + ttl.mul_f64(UPLOAD_SHARE));
                 continue;
             }
             Err(lost @ LeaseError::Lost(_)) => lost.to_string(),
@@ -237,9 +243,10 @@ async fn serve(args: MountArgs, state_dir: &Path) -> Result<(), String> {
         .cache_dir
         .clone()
         .unwrap_or_else(|| default_cache_dir(state_dir, &args.mountpoint));
+    let lease_ttl = seconds("lease-ttl", args.lease_ttl)?;
     let lease = match (&args.lease_store, &args.lease_name) {
         (Some(root), Some(volume)) => {
-            let ttl = seconds("lease-ttl", args.lease_ttl)?;
+            let ttl = lease_ttl;
             let host = args.host_id.clone().unwrap_or_else(lease::default_host_id);
             Some(take_lease(root, volume, host, ttl, &cache_dir).await?)
         }
@@ -275,6 +282,7 @@ async fn serve(args: MountArgs, state_dir: &Path) -> Result<(), String> {
     let lease = lease.map(|held| Arc::new(tokio::sync::Mutex::new(Some(held))));
     let renewal = lease.as_ref().map(|held| {
         let fs = Arc::clone(mounted.filesystem());
+        fs.allow_uploads_until(std::time::Instant::now() + lease_ttl.mul_f64(UPLOAD_SHARE));
         tokio::spawn(keep_lease(
             Arc::clone(held),
             fs,

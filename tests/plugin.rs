@@ -15,47 +15,6 @@ fn body(value: Value) -> String {
     value.to_string()
 }
 
-fn create(daemon: &Daemon, name: &str, opts: Value) -> String {
-    let (status, answer) = daemon.call(
-        "/VolumeDriver.Create",
-        body(json!({"Name": name, "Opts": opts})),
-    );
-    assert_eq!(status, 200, "{answer}");
-    answer["Err"].as_str().unwrap().to_string()
-}
-
-fn mount(daemon: &Daemon, name: &str, id: &str) -> Value {
-    let (status, answer) =
-        daemon.call("/VolumeDriver.Mount", body(json!({"Name": name, "ID": id})));
-    assert_eq!(status, 200, "{answer}");
-    answer
-}
-
-fn unmount(daemon: &Daemon, name: &str, id: &str) -> String {
-    let (_, answer) = daemon.call(
-        "/VolumeDriver.Unmount",
-        body(json!({"Name": name, "ID": id})),
-    );
-    answer["Err"].as_str().unwrap().to_string()
-}
-
-fn status(daemon: &Daemon, name: &str) -> Value {
-    let (_, answer) = daemon.call("/VolumeDriver.Get", body(json!({"Name": name})));
-    assert_eq!(answer["Err"], "", "{answer}");
-    answer["Volume"]["Status"].clone()
-}
-
-fn names(daemon: &Daemon) -> Vec<String> {
-    let (_, answer) = daemon.call("/VolumeDriver.List", "{}");
-    assert_eq!(answer["Err"], "", "{answer}");
-    answer["Volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["Name"].as_str().unwrap().to_string())
-        .collect()
-}
-
 #[test]
 fn activation_and_capabilities() {
     let daemon = Daemon::start(StoreKind::Dir);
@@ -105,28 +64,28 @@ fn bad_requests_get_clear_errors() {
     assert_eq!(status, 413, "{answer}");
 
     for bad in ["../etc", "a/b", ".hidden", "x", ""] {
-        let err = create(&daemon, bad, Value::Null);
+        let err = daemon.create(bad, Value::Null);
         assert!(err.contains("invalid volume name"), "{bad:?}: {err}");
     }
-    let err = create(&daemon, "opts", json!({"colour": "red"}));
+    let err = daemon.create("opts", json!({"colour": "red"}));
     assert!(
         err.contains("\"colour\"") && err.contains("cache_size"),
         "{err}"
     );
-    let err = create(&daemon, "opts", json!({"cache_size": "lots"}));
+    let err = daemon.create("opts", json!({"cache_size": "lots"}));
     assert!(err.contains("cache_size"), "{err}");
-    let err = create(&daemon, "opts", json!({"path": "../../etc"}));
+    let err = daemon.create("opts", json!({"path": "../../etc"}));
     assert!(err.contains("path"), "{err}");
-    let err = create(&daemon, "opts", json!({"store": "nowhere"}));
+    let err = daemon.create("opts", json!({"store": "nowhere"}));
     assert!(err.contains("unknown store \"nowhere\""), "{err}");
-    assert!(names(&daemon).is_empty(), "no bad request created a volume");
+    assert!(daemon.names().is_empty(), "no bad request created a volume");
 
     let (_, answer) = daemon.call("/VolumeDriver.Get", body(json!({"Name": "missing"})));
     assert!(
         answer["Err"].as_str().unwrap().contains("no such volume"),
         "{answer}"
     );
-    let answer = mount(&daemon, "missing", "id1");
+    let answer = daemon.mount("missing", "id1");
     assert!(
         answer["Err"].as_str().unwrap().contains("no such volume"),
         "{answer}"
@@ -137,16 +96,16 @@ fn bad_requests_get_clear_errors() {
 #[test]
 fn volume_lifecycle() {
     let daemon = Daemon::start(StoreKind::Dir);
-    assert_eq!(create(&daemon, "web", json!({"cache_size": "1G"})), "");
+    assert_eq!(daemon.create("web", json!({"cache_size": "1G"})), "");
     assert_eq!(
-        create(&daemon, "web", json!({"cache_size": "1G"})),
+        daemon.create("web", json!({"cache_size": "1G"})),
         "",
         "idempotent"
     );
-    let err = create(&daemon, "web", json!({"cache_size": "2G"}));
+    let err = daemon.create("web", json!({"cache_size": "2G"}));
     assert!(err.contains("exists with other options"), "{err}");
-    assert_eq!(create(&daemon, "db", Value::Null), "");
-    assert_eq!(names(&daemon), ["db", "web"]);
+    assert_eq!(daemon.create("db", Value::Null), "");
+    assert_eq!(daemon.names(), ["db", "web"]);
     let (_, listed) = daemon.call("/VolumeDriver.List", "{}");
     let web = &listed["Volumes"][1];
     assert!(web["CreatedAt"].as_str().unwrap().ends_with('Z'), "{web}");
@@ -175,14 +134,14 @@ fn volume_lifecycle() {
         daemon.mountpoint("web").to_str().unwrap()
     );
 
-    let answer = mount(&daemon, "web", "c1");
+    let answer = daemon.mount("web", "c1");
     assert_eq!(answer["Err"], "");
     let mountpoint = daemon.mountpoint("web");
     assert_eq!(answer["Mountpoint"], mountpoint.to_str().unwrap());
     std::fs::write(mountpoint.join("index.html"), b"<h1>hi</h1>").unwrap();
-    assert_eq!(mount(&daemon, "web", "c1")["Err"], "", "the same ID again");
-    assert_eq!(mount(&daemon, "web", "c2")["Err"], "");
-    let live = status(&daemon, "web");
+    assert_eq!(daemon.mount("web", "c1")["Err"], "", "the same ID again");
+    assert_eq!(daemon.mount("web", "c2")["Err"], "");
+    let live = daemon.status("web");
     assert_eq!(
         (live["mounted"].clone(), live["mounts"].clone()),
         (json!(true), json!(2))
@@ -196,10 +155,10 @@ fn volume_lifecycle() {
         .unwrap()
         .to_string();
     assert!(err.contains("in use"), "{err}");
-    assert_eq!(unmount(&daemon, "web", "c1"), "");
-    assert_eq!(unmount(&daemon, "web", "c1"), "", "the same ID again");
+    assert_eq!(daemon.unmount("web", "c1"), "");
+    assert_eq!(daemon.unmount("web", "c1"), "", "the same ID again");
     assert!(is_mounted(&mountpoint), "c2 still uses it");
-    assert_eq!(unmount(&daemon, "web", "c2"), "");
+    assert_eq!(daemon.unmount("web", "c2"), "");
     assert!(!is_mounted(&mountpoint));
     assert!(daemon.mount_processes().is_empty());
     // The last unmount returns once the store has everything.
@@ -208,7 +167,7 @@ fn volume_lifecycle() {
 
     let (_, answer) = daemon.call("/VolumeDriver.Remove", body(json!({"Name": "web"})));
     assert_eq!(answer["Err"], "");
-    assert_eq!(names(&daemon), ["db"]);
+    assert_eq!(daemon.names(), ["db"]);
     assert!(
         direct.keys("web/").is_empty(),
         "the volume's data went with it"
@@ -222,14 +181,10 @@ fn a_path_volume_presents_existing_data_and_keeps_it() {
     let direct = daemon.direct();
     direct.put("site/public/index.html", b"existing", Default::default());
     assert_eq!(
-        create(
-            &daemon,
-            "site",
-            json!({"path": "site/public", "access": "readonly"})
-        ),
+        daemon.create("site", json!({"path": "site/public", "access": "readonly"})),
         ""
     );
-    let answer = mount(&daemon, "site", "c1");
+    let answer = daemon.mount("site", "c1");
     assert_eq!(answer["Err"], "", "{answer}");
     let mountpoint = daemon.mountpoint("site");
     assert_eq!(
@@ -242,7 +197,7 @@ fn a_path_volume_presents_existing_data_and_keeps_it() {
         libc::EROFS,
         "access=readonly mounts read-only"
     );
-    assert_eq!(unmount(&daemon, "site", "c1"), "");
+    assert_eq!(daemon.unmount("site", "c1"), "");
     let (_, answer) = daemon.call("/VolumeDriver.Remove", body(json!({"Name": "site"})));
     assert_eq!(answer["Err"], "");
     assert_eq!(direct.get("site/public/index.html").unwrap().1, b"existing");
@@ -251,7 +206,7 @@ fn a_path_volume_presents_existing_data_and_keeps_it() {
 #[test]
 fn a_storm_of_mounts_starts_one_process() {
     let daemon = Daemon::start(StoreKind::Dir);
-    assert_eq!(create(&daemon, "busy", Value::Null), "");
+    assert_eq!(daemon.create("busy", Value::Null), "");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let _entered = runtime.enter();
     let calls = (0..100).map(|i| {
@@ -270,7 +225,7 @@ fn a_storm_of_mounts_starts_one_process() {
         );
     }
     assert_eq!(daemon.mount_processes().len(), 1);
-    assert_eq!(status(&daemon, "busy")["mounts"], 100);
+    assert_eq!(daemon.status("busy")["mounts"], 100);
     std::fs::write(daemon.mountpoint("busy").join("f"), b"storm").unwrap();
 
     let calls = (0..100).map(|i| {
@@ -283,7 +238,7 @@ fn a_storm_of_mounts_starts_one_process() {
     for answer in runtime.block_on(futures::future::join_all(calls)) {
         assert_eq!(answer.unwrap().1["Err"], "");
     }
-    let after = status(&daemon, "busy");
+    let after = daemon.status("busy");
     assert_eq!(
         (after["mounts"].clone(), after["mounted"].clone()),
         (json!(0), json!(false))
@@ -296,35 +251,35 @@ fn a_storm_of_mounts_starts_one_process() {
 #[test]
 fn a_second_daemon_on_the_same_store_sees_the_same_volumes() {
     let first = Daemon::start(StoreKind::S3);
-    assert_eq!(create(&first, "shared1", json!({"access": "shared"})), "");
-    assert_eq!(mount(&first, "shared1", "a")["Err"], "");
+    assert_eq!(first.create("shared1", json!({"access": "shared"})), "");
+    assert_eq!(first.mount("shared1", "a")["Err"], "");
     std::fs::write(first.mountpoint("shared1").join("note"), b"from host one").unwrap();
-    assert_eq!(unmount(&first, "shared1", "a"), "");
+    assert_eq!(first.unmount("shared1", "a"), "");
 
     let second = Daemon::sharing_store_of(&first);
-    assert_eq!(names(&second), ["shared1"]);
+    assert_eq!(second.names(), ["shared1"]);
     assert_eq!(
-        create(&second, "shared1", json!({"access": "shared"})),
+        second.create("shared1", json!({"access": "shared"})),
         "",
         "same options"
     );
-    assert_eq!(mount(&second, "shared1", "b")["Err"], "");
+    assert_eq!(second.mount("shared1", "b")["Err"], "");
     assert_eq!(
         std::fs::read(second.mountpoint("shared1").join("note")).unwrap(),
         b"from host one"
     );
-    assert_eq!(unmount(&second, "shared1", "b"), "");
+    assert_eq!(second.unmount("shared1", "b"), "");
     let (_, answer) = second.call("/VolumeDriver.Remove", body(json!({"Name": "shared1"})));
     assert_eq!(answer["Err"], "");
-    assert!(names(&first).is_empty(), "the first host sees the removal");
+    assert!(first.names().is_empty(), "the first host sees the removal");
 }
 
 #[test]
 fn a_restarted_daemon_adopts_running_mounts() {
     let mut daemon = Daemon::start(StoreKind::Dir);
-    assert_eq!(create(&daemon, "steady", Value::Null), "");
-    assert_eq!(mount(&daemon, "steady", "c1")["Err"], "");
-    let pid = status(&daemon, "steady")["pid"].clone();
+    assert_eq!(daemon.create("steady", Value::Null), "");
+    assert_eq!(daemon.mount("steady", "c1")["Err"], "");
+    let pid = daemon.status("steady")["pid"].clone();
     let mountpoint = daemon.mountpoint("steady");
 
     daemon.stop();
@@ -334,15 +289,15 @@ fn a_restarted_daemon_adopts_running_mounts() {
     )
     .unwrap();
     daemon.run();
-    let adopted = status(&daemon, "steady");
+    let adopted = daemon.status("steady");
     assert_eq!(
         (adopted["pid"].clone(), adopted["mounted"].clone()),
         (pid, json!(true))
     );
-    assert_eq!(mount(&daemon, "steady", "c2")["Err"], "");
+    assert_eq!(daemon.mount("steady", "c2")["Err"], "");
     assert_eq!(daemon.mount_processes().len(), 1, "no second process");
-    assert_eq!(unmount(&daemon, "steady", "c1"), "");
-    assert_eq!(unmount(&daemon, "steady", "c2"), "");
+    assert_eq!(daemon.unmount("steady", "c1"), "");
+    assert_eq!(daemon.unmount("steady", "c2"), "");
     assert!(daemon.mount_processes().is_empty());
     assert_eq!(
         daemon.direct().get("steady/during").unwrap().1,
@@ -353,8 +308,8 @@ fn a_restarted_daemon_adopts_running_mounts() {
 #[test]
 fn a_crashed_mount_process_is_cleaned_up_and_started_again() {
     let daemon = Daemon::start(StoreKind::Dir);
-    assert_eq!(create(&daemon, "fragile", Value::Null), "");
-    assert_eq!(mount(&daemon, "fragile", "c1")["Err"], "");
+    assert_eq!(daemon.create("fragile", Value::Null), "");
+    assert_eq!(daemon.mount("fragile", "c1")["Err"], "");
     let mountpoint = daemon.mountpoint("fragile");
     std::fs::write(mountpoint.join("kept"), b"fsynced").unwrap();
     std::fs::File::open(mountpoint.join("kept"))
@@ -373,34 +328,34 @@ fn a_crashed_mount_process_is_cleaned_up_and_started_again() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(status(&daemon, "fragile")["mounted"], false);
+    assert_eq!(daemon.status("fragile")["mounted"], false);
 
-    let answer = mount(&daemon, "fragile", "c2");
+    let answer = daemon.mount("fragile", "c2");
     assert_eq!(answer["Err"], "", "{answer}");
     let restarted = daemon.mount_processes();
     assert_eq!(restarted.len(), 1);
     assert_ne!(restarted, pids);
     assert_eq!(std::fs::read(mountpoint.join("kept")).unwrap(), b"fsynced");
-    assert_eq!(unmount(&daemon, "fragile", "c1"), "");
-    assert_eq!(unmount(&daemon, "fragile", "c2"), "");
+    assert_eq!(daemon.unmount("fragile", "c1"), "");
+    assert_eq!(daemon.unmount("fragile", "c2"), "");
     assert!(!is_mounted(&mountpoint));
 }
 
 #[test]
 fn a_mount_that_cannot_start_says_why() {
     let daemon = Daemon::start(StoreKind::Dir);
-    assert_eq!(create(&daemon, "broken", Value::Null), "");
+    assert_eq!(daemon.create("broken", Value::Null), "");
     // The volume's folder in the dir store is gone (someone deleted it by hand).
     let root = daemon.store_spec.trim_start_matches("dir://");
     std::fs::remove_dir_all(std::path::Path::new(root).join("broken")).unwrap();
-    let answer = mount(&daemon, "broken", "c1");
+    let answer = daemon.mount("broken", "c1");
     let err = answer["Err"].as_str().unwrap();
     assert!(
         err.contains("mounting volume broken") && err.contains("no such directory"),
         "{err}"
     );
     assert_eq!(
-        status(&daemon, "broken")["mounts"],
+        daemon.status("broken")["mounts"],
         0,
         "a failed mount is not counted"
     );
@@ -415,10 +370,10 @@ fn an_unreachable_store_fails_create_with_the_reason() {
         .spec("vols")
         .replace(&server.endpoint, &format!("http://127.0.0.1:{port}"));
     let daemon = Daemon::with_store(&spec);
-    let err = create(&daemon, "far", Value::Null);
+    let err = daemon.create("far", Value::Null);
     assert!(
         err.contains("store \"main\"") && err.contains("127.0.0.1"),
         "{err}"
     );
-    assert!(names(&daemon).is_empty(), "{err}");
+    assert!(daemon.names().is_empty(), "{err}");
 }

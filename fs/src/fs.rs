@@ -222,6 +222,8 @@ pub struct Filesystem {
     dirty_bytes: AtomicU64,
     /// Set when this mount may no longer write to the store (its lease was taken over): why.
     fenced: Mutex<Option<String>>,
+    /// With a lease: until when the last renewal lets this mount write to the store.
+    uploads_until: Mutex<Option<Instant>>,
 }
 
 fn check_name(name: &OsStr) -> FsResult<String> {
@@ -289,6 +291,7 @@ impl Filesystem {
             attempts: Mutex::new(HashMap::new()),
             dirty_bytes: AtomicU64::new(0),
             fenced: Mutex::new(None),
+            uploads_until: Mutex::new(None),
         };
         fs.remove_orphaned_cache_files()?;
         Ok(fs)

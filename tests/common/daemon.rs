@@ -11,7 +11,7 @@ use cairn_testkit::{S3Server, spawn_with_death_signal};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyperlocal::{UnixClientExt, UnixConnector};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use super::{Direct, is_mounted};
 
@@ -81,6 +81,24 @@ impl Daemon {
         .unwrap();
         let socket = socket.unwrap_or_else(|| dir.path().join("cairn.sock"));
         Self::with_config(dir, config, socket, store_spec)
+    }
+
+    /// A daemon acting as host `host` (its own state directory, socket and host id) on the
+    /// store `store_spec`, with leases of `lease_ttl` seconds.
+    pub fn as_host(store_spec: &str, host: &str, lease_ttl: u64) -> Daemon {
+        super::require_fuse();
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "default_store = \"main\"\nhost_id = \"{host}\"\nlease_ttl = {lease_ttl}\n\
+                 [stores.main]\nspec = \"{store_spec}\"\n"
+            ),
+        )
+        .unwrap();
+        let socket = dir.path().join("cairn.sock");
+        Self::with_config(dir, config, socket, store_spec.to_string())
     }
 
     /// A second daemon (another host, as far as cairn can tell) with the same config, so the
@@ -177,6 +195,54 @@ impl Daemon {
             .build()
             .unwrap();
         runtime.block_on(call(&self.socket, endpoint, body.into()))
+    }
+
+    /// Create; returns Err (empty on success).
+    pub fn create(&self, name: &str, opts: Value) -> String {
+        let (status, answer) = self.call(
+            "/VolumeDriver.Create",
+            json!({"Name": name, "Opts": opts}).to_string(),
+        );
+        assert_eq!(status, 200, "{answer}");
+        answer["Err"].as_str().unwrap().to_string()
+    }
+
+    /// Mount with ID `id`; returns the whole answer.
+    pub fn mount(&self, name: &str, id: &str) -> Value {
+        let (status, answer) = self.call(
+            "/VolumeDriver.Mount",
+            json!({"Name": name, "ID": id}).to_string(),
+        );
+        assert_eq!(status, 200, "{answer}");
+        answer
+    }
+
+    /// Unmount of ID `id`; returns Err.
+    pub fn unmount(&self, name: &str, id: &str) -> String {
+        let (_, answer) = self.call(
+            "/VolumeDriver.Unmount",
+            json!({"Name": name, "ID": id}).to_string(),
+        );
+        answer["Err"].as_str().unwrap().to_string()
+    }
+
+    /// Get's Status of a volume.
+    pub fn status(&self, name: &str) -> Value {
+        let (_, answer) = self.call("/VolumeDriver.Get", json!({"Name": name}).to_string());
+        assert_eq!(answer["Err"], "", "{answer}");
+        answer["Volume"]["Status"].clone()
+    }
+
+    /// The names List gives.
+    pub fn names(&self) -> Vec<String> {
+        let (_, answer) = self.call("/VolumeDriver.List", "{}");
+        assert_eq!(answer["Err"], "", "{answer}");
+        answer["Volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["Name"].as_str().unwrap().to_string())
+            .collect()
     }
 
     /// The store new volumes go to, reached directly (not through cairn's mount).

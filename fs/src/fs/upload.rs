@@ -132,7 +132,7 @@ impl Filesystem {
                 self.config.uploads_in_flight
             };
             let room = limit.saturating_sub(in_flight.load(Ordering::Acquire));
-            let batch = if room > 0 && self.fenced().is_none() {
+            let batch = if room > 0 && self.may_upload() {
                 self.journal().take_runnable(SystemTime::now(), room)
             } else {
                 Vec::new()
@@ -430,6 +430,19 @@ impl Filesystem {
         *self.fenced.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
         self.progress.notify_waiters();
         self.wake.notify_one();
+    }
+
+    /// With a lease: lets the uploader write to the store until `deadline` (the lease's expiry
+    /// as of its last renewal, less a margin). Past it, uploads wait for the next renewal, so a
+    /// mount that stalled past its lease writes nothing before it learns whether it lost it.
+    pub fn allow_uploads_until(&self, deadline: Instant) {
+        *self.uploads_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(deadline);
+        self.wake.notify_one();
+    }
+
+    fn may_upload(&self) -> bool {
+        let until = *self.uploads_until.lock().unwrap_or_else(|p| p.into_inner());
+        self.fenced().is_none() && until.is_none_or(|until| Instant::now() < until)
     }
 
     /// Why this mount may no longer write to the store, if so.
