@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use common::daemon::{Daemon, StoreKind};
 
-/// The test image: a busybox root filesystem (scripts/test builds it with `docker import`).
+/// The test image: busybox and sqlite3 (scripts/test builds it with `docker import`).
 fn image() -> String {
-    std::env::var("CAIRN_TEST_IMAGE").unwrap_or_else(|_| "cairn-busybox".into())
+    std::env::var("CAIRN_TEST_IMAGE").unwrap_or_else(|_| "cairn-test:2".into())
 }
 
 fn docker(args: &[&str]) -> Output {
@@ -77,7 +77,7 @@ impl World {
         );
         assert!(
             docker(&["image", "inspect", &image()]).status.success(),
-            "the test image {} is missing: scripts/test builds it from busybox-static",
+            "the test image {} is missing: scripts/test builds it from busybox-static and sqlite3",
             image()
         );
         let kind_name = match kind {
@@ -380,6 +380,56 @@ fn unused_volumes_are_pruned_by_driver(kind: StoreKind) {
         "removing a volume removes its data"
     );
     docker_ok(&["rm", "-f", &container]);
+}
+
+/// Moving a stateful container between hosts: on host A (the daemon this dockerd talks to) a
+/// container keeps files and a SQLite database with fsync'd transactions, then stops; host B
+/// (another daemon, another host id, the same S3 store) mounts the volume, and a container on
+/// B's mount finds every byte and a sound database. Meanwhile A cannot mount it.
+#[test]
+fn a_stateful_container_moves_to_another_host() {
+    let mut world = World::on_daemon(StoreKind::S3, "move");
+    let name = world.create("moved", &[]);
+    let sql = |statement: &str| format!("sqlite3 /data/app.db \"{statement}\" >/dev/null");
+    let mut script = vec![
+        "mkdir -p /data/files".to_string(),
+        "for i in 1 2 3 4 5; do echo file $i > /data/files/f$i; done".to_string(),
+        sql("PRAGMA journal_mode=DELETE; CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);"),
+    ];
+    for i in 1..=20 {
+        script.push(sql(&format!(
+            "PRAGMA synchronous=FULL; BEGIN; INSERT INTO t (v) VALUES ('row {i}'); COMMIT;"
+        )));
+    }
+    script.push("echo written".into());
+    assert_eq!(world.run(&name, &script.join(" && ")), "written\n");
+
+    let store_spec = world.daemon().store_spec.clone();
+    let b = Daemon::as_host(&store_spec, "host-b", 30);
+    let answer = b.mount(&name, "b1");
+    assert_eq!(answer["Err"], "", "{answer}");
+    let on_b = format!("{}:/data", b.mountpoint(&name).display());
+    let check = docker_ok(&[
+        "run",
+        "--rm",
+        "-v",
+        &on_b,
+        &image(),
+        "sh",
+        "-c",
+        "sqlite3 /data/app.db 'PRAGMA integrity_check; SELECT count(*) FROM t;' && cat /data/files/f3",
+    ]);
+    assert_eq!(check, "ok\n20\nfile 3\n");
+
+    let on_a = format!("{name}:/data");
+    let refused = docker(&["run", "--rm", "-v", &on_a, &image(), "true"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("in use by host host-b"), "{stderr}");
+
+    assert_eq!(b.unmount(&name, "b1"), "");
+    let back = world.run(&name, "sqlite3 /data/app.db 'SELECT count(*) FROM t'");
+    assert_eq!(back, "20\n", "the volume moves back to host A");
 }
 
 /// Each scenario once on the embedded dir store and once on S3.

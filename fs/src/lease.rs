@@ -327,8 +327,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_memory_store_honours_conditions() {
+    async fn a_store_that_ignores_conditions_is_found_out() {
         let store: SharedStore = Arc::new(MemoryStore::new());
         assert!(store_honours_conditions(&store).await.unwrap());
+        let careless = Arc::new(crate::store::faults::FaultyStore::new(Arc::clone(&store)));
+        careless.ignore_put_conditions();
+        let careless: SharedStore = careless;
+        assert!(!store_honours_conditions(&careless).await.unwrap());
+        assert!(
+            store
+                .list_all(".cairn/probe/", false)
+                .await
+                .unwrap()
+                .objects
+                .is_empty()
+        );
     }
 }

@@ -54,6 +54,8 @@ struct Fault {
 struct Book {
     faults: Vec<Fault>,
     calls: HashMap<Op, u64>,
+    /// Puts ignore their condition, as some S3 implementations do.
+    ignore_conditions: bool,
 }
 
 /// Wraps a store and misbehaves as told.
@@ -110,6 +112,12 @@ impl FaultyStore {
     }
 
     /// Removes every fault; calls keep being counted.
+    /// From now on, puts ignore `If-None-Match` and `If-Match`, like a store that does not
+    /// implement conditional writes.
+    pub fn ignore_put_conditions(&self) {
+        self.book().ignore_conditions = true;
+    }
+
     pub fn clear(&self) {
         self.book().faults.clear();
     }
@@ -176,8 +184,11 @@ impl Store for FaultyStore {
         self.inner.get(key, options).await
     }
 
-    async fn put(&self, key: &str, body: Bytes, options: PutOptions) -> Result<PutResult> {
+    async fn put(&self, key: &str, body: Bytes, mut options: PutOptions) -> Result<PutResult> {
         self.enter(Op::Put).await?;
+        if self.book().ignore_conditions {
+            options.condition = PutCondition::Always;
+        }
         self.inner.put(key, body, options).await
     }
 
