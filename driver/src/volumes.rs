@@ -426,6 +426,11 @@ impl Driver {
             self.delete_data(&record, &options).await?;
         }
         let store = self.named_store(options.store())?;
+        // An expired lease of a host that died holding the volume goes with it.
+        let _ = store
+            .store
+            .delete(&cairn_fs::lease::lease_key(name.as_str()))
+            .await;
         match records::delete(store.store.as_ref(), &name).await {
             Err(err) if err.kind() != ErrorKind::NotFound => {
                 return Err(self.store_error(options.store())(err));
