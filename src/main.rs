@@ -1,11 +1,13 @@
 //! The `cairn` command: parses the command line and runs the subcommand.
 //!
-//! `cairn serve` (the plugin daemon), `cairn mount SPEC MOUNTPOINT` (one volume, in the
-//! foreground), `cairn flush MOUNTPOINT` and `cairn store check [SPEC]`.
+//! `cairn serve` (the plugin daemon), `cairn ls` and `cairn report` (what it knows),
+//! `cairn mount SPEC MOUNTPOINT` (one volume, in the foreground), `cairn flush MOUNTPOINT` and
+//! `cairn store check [SPEC]`.
 
 mod check;
 mod flush;
 mod mount;
+mod report;
 mod serve;
 
 use std::path::PathBuf;
@@ -47,6 +49,10 @@ enum Command {
     Mount(mount::MountArgs),
     /// Upload everything a mount holds now, and wait until the store has it.
     Flush(flush::FlushArgs),
+    /// List the volumes the daemon knows (from every configured store).
+    Ls(report::LsArgs),
+    /// A block of facts per volume (Dokku style), one fact for a flag, or JSON.
+    Report(report::ReportArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -83,5 +89,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => runtime.block_on(serve::run(args, &cli.state_dir)),
         Command::Mount(args) => runtime.block_on(mount::run(args, &cli.state_dir)),
         Command::Flush(args) => flush::run(args),
+        Command::Ls(args) => runtime.block_on(report::ls(args)),
+        Command::Report(args) => runtime.block_on(report::report(args)),
     }
 }

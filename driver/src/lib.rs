@@ -2,6 +2,7 @@
 //! volumes behind it (volumes, with their records in the store and the local registry), and the
 //! supervisor of per-volume mount processes.
 
+pub mod client;
 pub mod config;
 pub mod names;
 pub mod options;

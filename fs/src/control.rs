@@ -4,8 +4,10 @@
 //! Protocol (one line each way, then lines back): the client sends `flush`; the mount answers
 //! `pending CHANGES BYTES` lines while it works, `error permanent|retrying MESSAGE` when applying
 //! a change fails, and `done` once the store holds everything. Or the client sends `status` and
-//! the mount answers one line of JSON: `pending_changes`, `pending_bytes`, `failing`,
-//! `permanent` and `last_error` (the plugin daemon shows these in `docker volume inspect`).
+//! the mount answers one line of JSON: `pending_changes`, `pending_bytes`,
+//! `oldest_pending_seconds` (how long the oldest waiting change has been due), `uploaded_bytes`,
+//! `applied_changes`, `failing`, `permanent` and `last_error` (the plugin daemon shows these in
+//! `docker volume inspect` and `cairn report`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -63,11 +65,18 @@ async fn answer(fs: Arc<Filesystem>, stream: UnixStream) -> std::io::Result<()> 
     let mut request = String::new();
     BufReader::new(read).read_line(&mut request).await?;
     if request.trim() == "status" {
-        let pending = fs.pending();
+        let pending = fs.pending_now().await;
         let status = fs.upload_status();
+        let oldest = pending
+            .oldest
+            .and_then(|due| std::time::SystemTime::now().duration_since(due).ok())
+            .map(|age| age.as_secs());
         let line = serde_json::json!({
             "pending_changes": pending.changes,
             "pending_bytes": pending.bytes,
+            "oldest_pending_seconds": oldest,
+            "uploaded_bytes": status.uploaded_bytes,
+            "applied_changes": status.applied_changes,
             "failing": status.failing,
             "permanent": status.permanent,
             "last_error": status.last_error.map(|(_, message)| message),

@@ -458,7 +458,14 @@ impl Filesystem {
         self.status().clone()
     }
 
-    /// What is not yet in the store.
+    /// What is not yet in the store, with the changed bytes counted anew.
+    pub async fn pending_now(&self) -> Pending {
+        self.refresh_dirty_bytes().await;
+        self.pending()
+    }
+
+    /// What is not yet in the store (changed bytes as of the uploader's last count, at most a
+    /// second ago).
     pub fn pending(&self) -> Pending {
         let journal = self.journal();
         Pending {
