@@ -1,5 +1,6 @@
-//! `cairn flush MOUNTPOINT`: asks the mount process on MOUNTPOINT to upload everything now and
-//! waits until the store holds it, with a progress bar on a terminal and plain lines otherwise.
+//! `cairn flush MOUNTPOINT|VOLUME`: asks the mount process on MOUNTPOINT (or on the daemon's
+//! mountpoint of VOLUME) to upload everything now and waits until the store holds it, with a
+//! progress bar on a terminal and plain lines otherwise.
 
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::os::unix::net::UnixStream;
@@ -12,14 +13,35 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Debug, clap::Args)]
 pub struct FlushArgs {
-    /// Where a `cairn mount` is mounted.
+    /// Where a `cairn mount` is mounted, or the name of a volume of the daemon.
     pub mountpoint: PathBuf,
+    /// The daemon's plugin socket (to find a volume's mountpoint).
+    #[arg(long, env = "CAIRN_SOCKET", default_value = cairn_driver::config::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
     /// Give up (exit 1) after this many seconds.
     #[arg(long)]
     pub timeout: Option<f64>,
 }
 
-pub fn run(args: FlushArgs) -> ExitCode {
+pub fn run(mut args: FlushArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
+    if !args.mountpoint.is_dir() {
+        // Not a directory: a volume name, mounted where the daemon says.
+        let name = args.mountpoint.to_string_lossy().into_owned();
+        let asked = runtime.block_on(cairn_driver::client::call(
+            &args.socket,
+            "/VolumeDriver.Path",
+            &serde_json::json!({ "Name": name }),
+        ));
+        match asked {
+            Ok(answer) => {
+                args.mountpoint = PathBuf::from(answer["Mountpoint"].as_str().unwrap_or_default());
+            }
+            Err(message) => {
+                eprintln!("error: {name} is neither a mountpoint nor a volume: {message}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     match flush(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {

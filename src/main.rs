@@ -88,7 +88,7 @@ fn main() -> ExitCode {
         }
         Command::Serve(args) => runtime.block_on(serve::run(args, &cli.state_dir)),
         Command::Mount(args) => runtime.block_on(mount::run(args, &cli.state_dir)),
-        Command::Flush(args) => flush::run(args),
+        Command::Flush(args) => flush::run(args, &runtime),
         Command::Ls(args) => runtime.block_on(report::ls(args)),
         Command::Report(args) => runtime.block_on(report::report(args)),
     }

@@ -90,6 +90,17 @@ fn reports_show_what_is_not_yet_in_the_store() {
         err.contains("--volume-dirty-bytes"),
         "the flags are listed: {err}"
     );
+    // A volume's name is enough for a flush.
+    let flushed = stdout(&cairn(&daemon, &["flush", "db"]));
+    assert!(
+        flushed.contains("flushed: the store holds everything"),
+        "{flushed}"
+    );
+    let dump = daemon
+        .direct()
+        .get("db/dump.rdb")
+        .expect("in the store after the flush");
+    assert_eq!(dump.1.len(), 5000);
     let missing = cairn(&daemon, &["report", "nosuch"]);
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no such volume"));
     assert_eq!(daemon.unmount("db", "c1"), "");
