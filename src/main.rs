@@ -65,13 +65,33 @@ enum StoreCommand {
     },
 }
 
+/// The AWS SDK's crates: at debug level they print the credentials' access key id, so they are
+/// held at warnings whatever CAIRN_LOG asks.
+const SDK_TARGETS: &[&str] = &[
+    "aws_config",
+    "aws_runtime",
+    "aws_sdk_s3",
+    "aws_sigv4",
+    "aws_smithy_runtime",
+    "aws_smithy_runtime_api",
+];
+
+/// CAIRN_LOG (tracing's env-filter syntax), or the quiet default.
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    let Ok(mut filter) = tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG") else {
+        return tracing_subscriber::EnvFilter::new(QUIET_LOGS);
+    };
+    for target in SDK_TARGETS {
+        let capped = format!("{target}=warn").parse().expect("a valid directive");
+        filter = filter.add_directive(capped);
+    }
+    filter
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(QUIET_LOGS)),
-        )
+        .with_env_filter(log_filter())
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

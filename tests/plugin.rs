@@ -377,3 +377,63 @@ fn an_unreachable_store_fails_create_with_the_reason() {
     );
     assert!(daemon.names().is_empty(), "{err}");
 }
+
+#[test]
+fn no_credential_reaches_logs_errors_reports_or_inspect() {
+    const KEY_ID: &str = "AKIAPLANTEDKEYID4711";
+    const SECRET: &str = "planted-secret-do-not-print-0815";
+    let server = cairn_testkit::S3Server::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("s3.secret");
+    std::fs::write(
+        &secret_file,
+        format!("aws_access_key_id = {KEY_ID}\naws_secret_access_key = {SECRET}\n"),
+    )
+    .unwrap();
+    let spec = format!(
+        "s3://{}/{}?endpoint={}&secret_file={}",
+        server.bucket,
+        cairn_testkit::S3Server::unique_prefix("secret"),
+        server.endpoint,
+        secret_file.display()
+    );
+    let mut daemon = Daemon::with_store(&spec);
+    daemon.stop();
+    daemon.log_filter = Some("debug".into());
+    daemon.run();
+
+    let mut seen = Vec::new();
+    assert_eq!(daemon.create("vault", Value::Null), "");
+    seen.push(daemon.create("vault", json!({"cache_size": "lots"})));
+    seen.push(daemon.mount("nosuch", "x")["Err"].to_string());
+    assert_eq!(daemon.mount("vault", "c1")["Err"], "");
+    std::fs::write(daemon.mountpoint("vault").join("f"), b"data").unwrap();
+    seen.push(daemon.status("vault").to_string());
+    for pid in daemon.mount_processes() {
+        seen.push(
+            String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap())
+                .into_owned(),
+        );
+    }
+    assert_eq!(daemon.unmount("vault", "c1"), "");
+    seen.push(daemon.call("/VolumeDriver.List", "{}").1.to_string());
+    let report = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["report", "--format", "json", "--socket"])
+        .arg(&daemon.socket)
+        .output()
+        .unwrap();
+    seen.push(String::from_utf8_lossy(&report.stdout).into_owned());
+    seen.push(daemon.log());
+    let mount_log = daemon.state_dir.join("volumes/vault/mount.log");
+    seen.push(std::fs::read_to_string(mount_log).unwrap());
+    assert!(
+        seen.last().unwrap().len() > 100,
+        "the mount logged at debug level"
+    );
+    for text in &seen {
+        assert!(
+            !text.contains(SECRET) && !text.contains(KEY_ID),
+            "a credential in: {text}"
+        );
+    }
+}

@@ -22,6 +22,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixListener;
+use tracing::Instrument;
 
 use crate::protocol::{
     self, ActivateResponse, CapabilitiesResponse, CreateRequest, ErrResponse, GetResponse,
@@ -176,12 +177,17 @@ async fn answer(driver: Arc<Driver>, request: Request<Incoming>) -> Answer {
             );
         }
     };
+    let started = std::time::Instant::now();
     let span = tracing::info_span!("request", %endpoint);
-    let _entered = span.enter();
-    match call(&driver, &endpoint, &body).await {
+    let answer = match call(&driver, &endpoint, &body).instrument(span).await {
         Ok(answer) => answer,
         Err(Malformed(message)) => fail(StatusCode::BAD_REQUEST, message),
-    }
+    };
+    // One line per call (shown with CAIRN_LOG=info); failures are also logged as warnings.
+    let status = answer.as_ref().map_or(500, |a| a.status().as_u16());
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    tracing::info!(%endpoint, status, elapsed_ms, "plugin call");
+    answer
 }
 
 /// A body that does not parse.

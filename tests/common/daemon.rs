@@ -29,6 +29,8 @@ pub struct Daemon {
     pub config: PathBuf,
     /// The spec of the store new volumes go to.
     pub store_spec: String,
+    /// CAIRN_LOG for the daemon (and so its mount processes) from the next `run`.
+    pub log_filter: Option<String>,
     child: Option<Child>,
     dir: tempfile::TempDir,
 }
@@ -120,6 +122,7 @@ impl Daemon {
             socket,
             config,
             store_spec,
+            log_filter: None,
             child: None,
             dir,
         };
@@ -146,6 +149,9 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
+        if let Some(filter) = &self.log_filter {
+            command.env("CAIRN_LOG", filter);
+        }
         // SIGTERM when the test process ends, so the daemon removes its socket: Docker keeps
         // trying a plugin socket that is there but dead.
         let mut child = spawn_with_death_signal(command, libc::SIGTERM);
