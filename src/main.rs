@@ -9,6 +9,7 @@ mod flush;
 mod mount;
 mod report;
 mod serve;
+mod snapshot;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,6 +54,8 @@ enum Command {
     Ls(report::LsArgs),
     /// A block of facts per volume (Dokku style), one fact for a flag, or JSON.
     Report(report::ReportArgs),
+    /// Point-in-time copies of a volume in its store, and volumes made from them.
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -111,5 +114,6 @@ fn main() -> ExitCode {
         Command::Flush(args) => flush::run(args, &runtime),
         Command::Ls(args) => runtime.block_on(report::ls(args)),
         Command::Report(args) => runtime.block_on(report::report(args)),
+        Command::Snapshot(args) => runtime.block_on(snapshot::run(args, &cli.state_dir)),
     }
 }

@@ -10,5 +10,6 @@ pub mod protocol;
 pub mod records;
 pub mod registry;
 pub mod server;
+pub mod snapshots;
 pub mod supervisor;
 pub mod volumes;

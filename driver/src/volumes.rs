@@ -19,6 +19,7 @@ use crate::names::{MountId, VolumeName};
 use crate::options::{Access, VolumeOptions};
 use crate::records::{self, VolumeRecord};
 use crate::registry::Registry;
+use crate::snapshots::{self, Snapshot};
 use crate::supervisor::{self, MountCommand};
 
 /// How long an Unmount waits for the mount process to upload what is pending and exit; past it
@@ -358,7 +359,9 @@ impl Driver {
         let lock = self.lock(&name);
         let _held = lock.lock().await;
         let same_as = |existing: &VolumeRecord| {
-            if &existing.options == options.as_map() {
+            // No options at all: Docker naming a volume that exists (on another host, or restored
+            // from a snapshot) with --volume-driver; it is used as it is.
+            if &existing.options == options.as_map() || given.is_empty() {
                 Ok(())
             } else {
                 Err(DriverError::Conflict(format!(
@@ -725,6 +728,95 @@ impl Driver {
         Ok(())
     }
 
+    /// Takes snapshot `snapshot` of a volume: what the store holds of it, after uploading what
+    /// its mount on this host has not yet (a mount on another host is not waited for).
+    pub async fn snapshot_create(
+        &self,
+        volume: &str,
+        snapshot: &str,
+    ) -> Result<Snapshot, DriverError> {
+        let name = VolumeName::parse(volume).map_err(DriverError::Invalid)?;
+        let snap = snapshot_name(snapshot)?;
+        let record = self.lookup(&name).await?;
+        let options = self.options_of(&record)?;
+        let key = name.to_string();
+        if let Some(process) = self.registry(move |r| r.process(&key)).await?
+            && process.is_serving()
+        {
+            flush_mount(&process.mountpoint)
+                .await
+                .map_err(|message| DriverError::Mount {
+                    volume: name.to_string(),
+                    message: format!("uploading before the snapshot: {message}"),
+                })?;
+        }
+        let store = self.named_store(options.store())?;
+        let prefix = format!("{}/", options.path().unwrap_or(name.as_str()));
+        snapshots::create(store.store.as_ref(), &name, &prefix, &snap)
+            .await
+            .map_err(self.store_error(options.store()))
+    }
+
+    /// The snapshots of a volume, oldest first.
+    pub async fn snapshot_list(&self, volume: &str) -> Result<Vec<Snapshot>, DriverError> {
+        let name = VolumeName::parse(volume).map_err(DriverError::Invalid)?;
+        let record = self.lookup(&name).await?;
+        let options = self.options_of(&record)?;
+        let store = self.named_store(options.store())?;
+        snapshots::list(store.store.as_ref(), &name)
+            .await
+            .map_err(self.store_error(options.store()))
+    }
+
+    /// Makes a new volume `target` (same store and options, its own folder) from a snapshot.
+    pub async fn snapshot_restore(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        target: &str,
+    ) -> Result<(u64, u64), DriverError> {
+        let name = VolumeName::parse(volume).map_err(DriverError::Invalid)?;
+        let snap = snapshot_name(snapshot)?;
+        let target = VolumeName::parse(target).map_err(DriverError::Invalid)?;
+        let source = self.lookup(&name).await?;
+        match self.lookup(&target).await {
+            Ok(_) => {
+                return Err(DriverError::Conflict(format!(
+                    "volume {target} exists: restore into a new volume name"
+                )));
+            }
+            Err(DriverError::NotFound(_)) => {}
+            Err(err) => return Err(err),
+        }
+        let mut options = source.options.clone();
+        options.remove("path");
+        let record = VolumeRecord {
+            name: target.to_string(),
+            options,
+            created_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        };
+        let parsed = self.options_of(&record)?;
+        let store = self.named_store(parsed.store())?;
+        if let StoreSpec::Dir(root) = self.data_spec(&record, &parsed)? {
+            cairn_fs::store::dir::DirStore::create(&root)
+                .map_err(self.store_error(parsed.store()))?;
+        }
+        let copied = snapshots::restore(store.store.as_ref(), &name, &snap, &format!("{target}/"))
+            .await
+            .map_err(self.store_error(parsed.store()))?;
+        // The record last: the volume appears once its data is all there.
+        if records::create(store.store.as_ref(), &record)
+            .await
+            .map_err(self.store_error(parsed.store()))?
+            .is_some()
+        {
+            return Err(DriverError::Conflict(format!(
+                "volume {target} was created meanwhile; its data may now be mixed with the snapshot's"
+            )));
+        }
+        Ok(copied)
+    }
+
     /// Global when every store is one that several hosts share.
     pub fn scope(&self) -> Scope {
         if self.stores.values().all(|s| s.shared) {
@@ -746,6 +838,39 @@ async fn remove_tree(dir: PathBuf) -> Result<(), DriverError> {
         dir: PathBuf::new(),
         message: e.to_string(),
     })?
+}
+
+/// A snapshot name: the rules of a volume name.
+fn snapshot_name(text: &str) -> Result<VolumeName, DriverError> {
+    VolumeName::parse(text)
+        .map_err(|why| DriverError::Invalid(why.replace("volume name", "snapshot name")))
+}
+
+/// Asks the mount process on `mountpoint` to upload everything, and waits until it has.
+async fn flush_mount(mountpoint: &Path) -> Result<(), String> {
+    let path = cairn_fs::control::socket_path(mountpoint);
+    let flush = async {
+        let mut stream = tokio::net::UnixStream::connect(&path)
+            .await
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        stream
+            .write_all(b"flush\n")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut lines = BufReader::new(stream).lines();
+        while let Some(line) = lines.next_line().await.map_err(|e| e.to_string())? {
+            if line == "done" {
+                return Ok(());
+            }
+            if let Some(why) = line.strip_prefix("error permanent ") {
+                return Err(why.to_string());
+            }
+        }
+        Err("the mount process hung up".to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(600), flush)
+        .await
+        .map_err(|_| "not done after 10 minutes".to_string())?
 }
 
 fn show_options(options: &BTreeMap<String, String>) -> String {
