@@ -134,7 +134,14 @@ async fn take_lease(
     let held = Lease::acquire(options, token.as_deref())
         .await
         .map_err(|e| format!("volume {volume}: {e}"))?;
-    std::fs::create_dir_all(cache_dir).map_err(|e| e.to_string())?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(cache_dir)
+            .map_err(|e| format!("creating {}: {e}", cache_dir.display()))?;
+    }
     std::fs::write(cache_dir.join(TOKEN_FILE), &held.record().token)
         .and_then(|()| std::fs::File::open(cache_dir.join(TOKEN_FILE))?.sync_all())
         .map_err(|e| format!("recording the lease in {}: {e}", cache_dir.display()))?;

@@ -24,6 +24,11 @@ fn activation_and_capabilities() {
         0o660,
         "only root and group docker"
     );
+    for private in ["", "mounts", "volumes"] {
+        let dir = daemon.state_dir.join(private);
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{} is for root only", dir.display());
+    }
     let (status, answer) = daemon.call("/Plugin.Activate", "");
     assert_eq!(
         (status, answer),
@@ -139,6 +144,11 @@ fn volume_lifecycle() {
     let mountpoint = daemon.mountpoint("web");
     assert_eq!(answer["Mountpoint"], mountpoint.to_str().unwrap());
     std::fs::write(mountpoint.join("index.html"), b"<h1>hi</h1>").unwrap();
+    for private in ["volumes/web", "volumes/web/cache", "volumes/web/cache/data"] {
+        let dir = daemon.state_dir.join(private);
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{} is for root only", dir.display());
+    }
     assert_eq!(daemon.mount("web", "c1")["Err"], "", "the same ID again");
     assert_eq!(daemon.mount("web", "c2")["Err"], "");
     let live = daemon.status("web");

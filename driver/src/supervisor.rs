@@ -148,7 +148,11 @@ fn log_since(log: &Path, offset: u64) -> String {
 /// process said.
 pub async fn start(command: &MountCommand) -> Result<MountProcess, String> {
     for dir in [&command.mountpoint, &command.cache_dir] {
-        std::fs::create_dir_all(dir)
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
     let log = std::fs::OpenOptions::new()

@@ -96,6 +96,15 @@ fn local_error(dir: &Path, err: impl std::fmt::Display) -> DriverError {
     }
 }
 
+/// Creates `dir` and its missing parents with mode 0700.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 /// Bytes the files under `dir` take on disk.
 fn disk_usage(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -120,8 +129,9 @@ impl Driver {
         state_dir: &Path,
         program: PathBuf,
     ) -> Result<Self, DriverError> {
+        // Only root gets in: the registry, the caches (volume data) and the mount logs.
         for dir in ["mounts", "volumes"] {
-            std::fs::create_dir_all(state_dir.join(dir)).map_err(|e| local_error(state_dir, e))?;
+            private_dir(&state_dir.join(dir)).map_err(|e| local_error(state_dir, e))?;
         }
         // Mountpoints are matched against the kernel's mount table, which has canonical paths.
         let state_dir = &std::fs::canonicalize(state_dir).map_err(|e| local_error(state_dir, e))?;
@@ -559,7 +569,7 @@ impl Driver {
             log: volume_dir.join("mount.log"),
             flags,
         };
-        std::fs::create_dir_all(&volume_dir).map_err(|e| local_error(&volume_dir, e))?;
+        private_dir(&volume_dir).map_err(|e| local_error(&volume_dir, e))?;
         let process = supervisor::start(&command)
             .await
             .map_err(|message| DriverError::Mount {
