@@ -238,6 +238,18 @@ fn check_name(name: &OsStr) -> FsResult<String> {
     Ok(text.to_string())
 }
 
+/// A name for something new: also no control characters, which S3 listings cannot carry
+/// reliably (and some S3 servers refuse in keys).
+fn check_new_name(name: &OsStr) -> FsResult<String> {
+    let text = check_name(name)?;
+    if text.chars().any(|c| c.is_ascii_control()) {
+        return Err(FsError::Invalid(format!(
+            "{text:?}: names with control characters (newline, tab...) are not stored"
+        )));
+    }
+    Ok(text)
+}
+
 /// Runs blocking file or SQLite work off the async workers.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> FsResult<T> + Send + 'static,
@@ -621,6 +633,10 @@ impl Filesystem {
 
     pub async fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
         let name = check_name(name)?;
+        if name.chars().any(|c| c.is_ascii_control()) {
+            // A name cairn never stores is never asked of the store either.
+            return Err(FsError::NotFound);
+        }
         let ino = self.existing(parent, &name).await?;
         self.count_lookup(ino);
         self.attr(ino)
@@ -776,7 +792,7 @@ impl Filesystem {
         gid: u32,
     ) -> FsResult<Attr> {
         self.writable()?;
-        let name = check_name(name)?;
+        let name = check_new_name(name)?;
         let key = self.vacant(parent, &name).await?;
         let attrs = Self::new_attrs(Kind::Dir, mode, umask, uid, gid);
         let change = Change::PutDir {
@@ -822,7 +838,7 @@ impl Filesystem {
         gid: u32,
     ) -> FsResult<Attr> {
         self.writable()?;
-        let name = check_name(name)?;
+        let name = check_new_name(name)?;
         let target = std::str::from_utf8(target.as_bytes())
             .map_err(|_| FsError::Invalid("link targets must be valid UTF-8".into()))?
             .to_string();
@@ -914,13 +930,13 @@ impl Filesystem {
             Ok(listed) => {
                 for prefix_entry in &listed.prefixes {
                     let name = prefix_entry[prefix.len()..].trim_end_matches('/');
-                    if check_name(OsStr::new(name)).is_ok() {
+                    if check_new_name(OsStr::new(name)).is_ok() {
                         names.insert(name.to_string(), Kind::Dir);
                     }
                 }
                 for object in &listed.objects {
                     let name = &object.key[prefix.len()..];
-                    if check_name(OsStr::new(name)).is_ok() {
+                    if check_new_name(OsStr::new(name)).is_ok() {
                         // A name that is both a file and a directory shows as the directory.
                         names.entry(name.to_string()).or_insert(Kind::File);
                     }
@@ -1005,7 +1021,7 @@ impl Filesystem {
         no_replace: bool,
     ) -> FsResult<()> {
         self.writable()?;
-        let (name, new_name) = (check_name(name)?, check_name(new_name)?);
+        let (name, new_name) = (check_name(name)?, check_new_name(new_name)?);
         let source = self.existing(parent, &name).await?;
         let target = self.resolve(new_parent, &new_name).await?;
         if target == Some(source) {
@@ -1502,7 +1518,7 @@ impl Filesystem {
         gid: u32,
     ) -> FsResult<(Attr, Opened)> {
         self.writable()?;
-        let name = check_name(name)?;
+        let name = check_new_name(name)?;
         if let Some(existing) = self.resolve(parent, &name).await? {
             if flags & libc::O_EXCL != 0 {
                 return Err(FsError::Exists);
