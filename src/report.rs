@@ -72,6 +72,7 @@ fn facts(volume: &Value) -> Vec<(&'static str, Value)> {
             or(&status["oldest_pending_seconds"], json!(0)),
         ),
         ("uploaded-bytes", or(&status["uploaded_bytes"], json!(0))),
+        ("upload-rate", or(&status["upload_rate"], json!(0))),
         ("last-error", or(&status["last_error"], json!("none"))),
     ]
 }

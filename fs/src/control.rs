@@ -6,6 +6,7 @@
 //! a change fails, and `done` once the store holds everything. Or the client sends `status` and
 //! the mount answers one line of JSON: `pending_changes`, `pending_bytes`,
 //! `oldest_pending_seconds` (how long the oldest waiting change has been due), `uploaded_bytes`,
+//! `upload_rate` (bytes per second over the last ten seconds),
 //! `applied_changes`, `failing`, `permanent` and `last_error` (the plugin daemon shows these in
 //! `docker volume inspect` and `cairn report`).
 
@@ -48,19 +49,59 @@ pub fn serve(
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     }
+    let rate = Arc::new(UploadRate::default());
     Ok(tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let fs = Arc::clone(&fs);
-            tokio::spawn(async move {
-                if let Err(err) = answer(fs, stream).await {
-                    tracing::debug!("control connection: {err}");
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let Ok((stream, _)) = accepted else { return };
+                    let (fs, rate) = (Arc::clone(&fs), Arc::clone(&rate));
+                    tokio::spawn(async move {
+                        if let Err(err) = answer(fs, rate, stream).await {
+                            tracing::debug!("control connection: {err}");
+                        }
+                    });
                 }
-            });
+                _ = tick.tick() => rate.sample(fs.upload_status().uploaded_bytes),
+            }
         }
     }))
 }
 
-async fn answer(fs: Arc<Filesystem>, stream: UnixStream) -> std::io::Result<()> {
+/// Bytes uploaded per second over the last ten seconds, from a sample a second.
+#[derive(Debug, Default)]
+struct UploadRate {
+    samples: std::sync::Mutex<std::collections::VecDeque<(std::time::Instant, u64)>>,
+}
+
+impl UploadRate {
+    const WINDOW: usize = 11;
+
+    fn sample(&self, uploaded: u64) {
+        let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        samples.push_back((std::time::Instant::now(), uploaded));
+        while samples.len() > Self::WINDOW {
+            samples.pop_front();
+        }
+    }
+
+    fn bytes_per_second(&self) -> u64 {
+        let samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        match (samples.front(), samples.back()) {
+            (Some((t0, b0)), Some((t1, b1))) if t1 > t0 => {
+                (b1.saturating_sub(*b0) as f64 / (*t1 - *t0).as_secs_f64()) as u64
+            }
+            _ => 0,
+        }
+    }
+}
+
+async fn answer(
+    fs: Arc<Filesystem>,
+    rate: Arc<UploadRate>,
+    stream: UnixStream,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut request = String::new();
     BufReader::new(read).read_line(&mut request).await?;
@@ -76,6 +117,7 @@ async fn answer(fs: Arc<Filesystem>, stream: UnixStream) -> std::io::Result<()> 
             "pending_bytes": pending.bytes,
             "oldest_pending_seconds": oldest,
             "uploaded_bytes": status.uploaded_bytes,
+            "upload_rate": rate.bytes_per_second(),
             "applied_changes": status.applied_changes,
             "failing": status.failing,
             "permanent": status.permanent,
