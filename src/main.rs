@@ -91,6 +91,20 @@ fn log_filter() -> tracing_subscriber::EnvFilter {
     filter
 }
 
+/// Prints what a command made, or its error, and exits accordingly.
+fn print_or_fail(result: Result<String, String>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -112,8 +126,10 @@ fn main() -> ExitCode {
         Command::Serve(args) => runtime.block_on(serve::run(args, &cli.state_dir)),
         Command::Mount(args) => runtime.block_on(mount::run(args, &cli.state_dir)),
         Command::Flush(args) => flush::run(args, &runtime),
-        Command::Ls(args) => runtime.block_on(report::ls(args)),
-        Command::Report(args) => runtime.block_on(report::report(args)),
-        Command::Snapshot(args) => runtime.block_on(snapshot::run(args, &cli.state_dir)),
+        Command::Ls(args) => print_or_fail(runtime.block_on(report::ls(&args))),
+        Command::Report(args) => print_or_fail(runtime.block_on(report::report(&args))),
+        Command::Snapshot(args) => {
+            print_or_fail(runtime.block_on(snapshot::run(args, &cli.state_dir)))
+        }
     }
 }

@@ -3,7 +3,6 @@
 //! for a flag such as `--volume-dirty-bytes` (for scripts), or JSON with `--format json`.
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 use cairn_driver::client::call;
 use cairn_driver::config::DEFAULT_SOCKET;
@@ -131,24 +130,8 @@ async fn volumes(socket: &std::path::Path, name: Option<&str>) -> Result<Vec<Val
     Ok(described)
 }
 
-fn finish(result: Result<String, String>) -> ExitCode {
-    match result {
-        Ok(text) => {
-            print!("{text}");
-            ExitCode::SUCCESS
-        }
-        Err(message) => {
-            eprintln!("error: {message}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-pub async fn report(args: ReportArgs) -> ExitCode {
-    finish(render_report(&args).await)
-}
-
-async fn render_report(args: &ReportArgs) -> Result<String, String> {
+/// The report to print, or why there is none.
+pub async fn report(args: &ReportArgs) -> Result<String, String> {
     let volumes = volumes(&args.socket, args.volume.as_deref()).await?;
     if let Some(flag) = &args.flag {
         let wanted = flag.strip_prefix("--volume-").unwrap_or(flag);
@@ -172,11 +155,8 @@ async fn render_report(args: &ReportArgs) -> Result<String, String> {
     })
 }
 
-pub async fn ls(args: LsArgs) -> ExitCode {
-    finish(render_ls(&args).await)
-}
-
-async fn render_ls(args: &LsArgs) -> Result<String, String> {
+/// The listing to print, or why there is none.
+pub async fn ls(args: &LsArgs) -> Result<String, String> {
     let volumes = volumes(&args.socket, None).await?;
     if args.format == Format::Json {
         let all: Vec<Value> = volumes.iter().map(as_json).collect();

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use cairn_driver::config::{Config, DEFAULT_CONFIG};
+use cairn_driver::config::Config;
 use cairn_driver::server;
 use cairn_driver::volumes::Driver;
 use tokio::signal::unix::{SignalKind, signal};
@@ -33,10 +33,7 @@ pub async fn run(args: ServeArgs, state_dir: &Path) -> ExitCode {
 }
 
 async fn serve(args: ServeArgs, state_dir: &Path) -> Result<(), String> {
-    let mut config = match &args.config {
-        Some(path) => Config::load(path, true)?,
-        None => Config::load(Path::new(DEFAULT_CONFIG), false)?,
-    };
+    let mut config = Config::load_named_or_default(args.config.as_deref())?;
     if let Some(socket) = args.socket {
         config.socket = socket;
     }

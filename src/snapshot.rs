@@ -3,9 +3,8 @@
 //! a volume mounted on this host uploads what it holds first.
 
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
-use cairn_driver::config::{Config, DEFAULT_CONFIG};
+use cairn_driver::config::Config;
 use cairn_driver::volumes::Driver;
 
 #[derive(Debug, clap::Args)]
@@ -31,24 +30,9 @@ pub enum SnapshotCommand {
     },
 }
 
-pub async fn run(args: SnapshotArgs, state_dir: &Path) -> ExitCode {
-    match snapshot(args, state_dir).await {
-        Ok(text) => {
-            print!("{text}");
-            ExitCode::SUCCESS
-        }
-        Err(message) => {
-            eprintln!("error: {message}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn snapshot(args: SnapshotArgs, state_dir: &Path) -> Result<String, String> {
-    let config = match &args.config {
-        Some(path) => Config::load(path, true)?,
-        None => Config::load(Path::new(DEFAULT_CONFIG), false)?,
-    };
+/// Runs the subcommand; what to print, or why it failed.
+pub async fn run(args: SnapshotArgs, state_dir: &Path) -> Result<String, String> {
+    let config = Config::load_named_or_default(args.config.as_deref())?;
     let program = std::env::current_exe().map_err(|e| e.to_string())?;
     let driver = Driver::open(&config, state_dir, program)
         .await

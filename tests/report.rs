@@ -5,6 +5,7 @@ mod common;
 use std::process::{Command, Output};
 
 use common::daemon::{Daemon, StoreKind};
+use common::succeeded;
 use serde_json::{Value, json};
 
 fn cairn(daemon: &Daemon, args: &[&str]) -> Output {
@@ -14,15 +15,6 @@ fn cairn(daemon: &Daemon, args: &[&str]) -> Output {
         .arg(&daemon.socket)
         .output()
         .expect("run cairn")
-}
-
-fn stdout(output: &Output) -> String {
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 #[test]
@@ -36,7 +28,7 @@ fn reports_show_what_is_not_yet_in_the_store() {
     assert_eq!(daemon.mount("db", "c1")["Err"], "");
     std::fs::write(daemon.mountpoint("db").join("dump.rdb"), vec![7u8; 5000]).unwrap();
 
-    let all = stdout(&cairn(&daemon, &["report"]));
+    let all = succeeded(&cairn(&daemon, &["report"]));
     assert!(all.contains("=====> db volume information\n"), "{all}");
     assert!(all.contains("=====> web volume information\n"), "{all}");
     let db_block = all.split("=====> web").next().unwrap();
@@ -55,12 +47,12 @@ fn reports_show_what_is_not_yet_in_the_store() {
         "{db_block}"
     );
 
-    let dirty = stdout(&cairn(&daemon, &["report", "db", "--volume-dirty-bytes"]));
+    let dirty = succeeded(&cairn(&daemon, &["report", "db", "--volume-dirty-bytes"]));
     // The local disk the changes take (whole blocks): at least the 5000 bytes written.
     let dirty: u64 = dirty.trim().parse().expect("a bare number");
     assert!((5000..=64 * 1024).contains(&dirty), "{dirty}");
     assert!(db_block.contains(&format!("Volume dirty bytes:          {dirty}\n")));
-    let json: Value = serde_json::from_str(&stdout(&cairn(
+    let json: Value = serde_json::from_str(&succeeded(&cairn(
         &daemon,
         &["report", "web", "--format", "json"],
     )))
@@ -68,7 +60,7 @@ fn reports_show_what_is_not_yet_in_the_store() {
     assert_eq!(json[0]["access"], "shared");
     assert_eq!(json[0]["mounted"], false);
 
-    let listed = stdout(&cairn(&daemon, &["ls"]));
+    let listed = succeeded(&cairn(&daemon, &["ls"]));
     let lines: Vec<&str> = listed.lines().collect();
     assert!(
         lines[0].starts_with("NAME  ACCESS     MOUNTED  DIRTY BYTES  STORE"),
@@ -91,7 +83,7 @@ fn reports_show_what_is_not_yet_in_the_store() {
         "the flags are listed: {err}"
     );
     // A volume's name is enough for a flush.
-    let flushed = stdout(&cairn(&daemon, &["flush", "db"]));
+    let flushed = succeeded(&cairn(&daemon, &["flush", "db"]));
     assert!(
         flushed.contains("flushed: the store holds everything"),
         "{flushed}"

@@ -7,6 +7,7 @@ mod common;
 use std::process::{Command, Output};
 
 use common::daemon::{Daemon, StoreKind};
+use common::succeeded;
 use serde_json::{Value, json};
 
 fn snapshot(daemon: &Daemon, args: &[&str]) -> Output {
@@ -19,15 +20,6 @@ fn snapshot(daemon: &Daemon, args: &[&str]) -> Output {
         .arg(&daemon.config)
         .output()
         .expect("run cairn snapshot")
-}
-
-fn ok(output: Output) -> String {
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 #[test]
@@ -46,7 +38,7 @@ fn a_snapshot_of_a_mounted_volume_restores_byte_for_byte() {
     std::fs::write(mountpoint.join("dump.rdb"), &dump).unwrap();
 
     // Three objects: the dump, the config file and the conf/ folder marker.
-    let taken = ok(snapshot(&daemon, &["create", "cache", "nightly"]));
+    let taken = succeeded(&snapshot(&daemon, &["create", "cache", "nightly"]));
     assert!(
         taken.contains("snapshot nightly of cache: 3 objects, 3000010 bytes"),
         "{taken}"
@@ -54,7 +46,7 @@ fn a_snapshot_of_a_mounted_volume_restores_byte_for_byte() {
     std::fs::write(mountpoint.join("dump.rdb"), b"a later dump").unwrap();
     assert_eq!(daemon.unmount("cache", "c1"), "");
 
-    let listed = ok(snapshot(&daemon, &["ls", "cache"]));
+    let listed = succeeded(&snapshot(&daemon, &["ls", "cache"]));
     assert!(
         listed.lines().nth(1).unwrap().starts_with("nightly  "),
         "{listed}"
@@ -62,7 +54,7 @@ fn a_snapshot_of_a_mounted_volume_restores_byte_for_byte() {
     let again = snapshot(&daemon, &["create", "cache", "nightly"]);
     assert!(String::from_utf8_lossy(&again.stderr).contains("already has a snapshot nightly"));
 
-    let restored = ok(snapshot(
+    let restored = succeeded(&snapshot(
         &daemon,
         &["restore", "cache", "nightly", "cache-copy"],
     ));

@@ -85,6 +85,14 @@ impl Config {
         Self::parse(&text).map_err(|why| format!("config file {}: {why}", path.display()))
     }
 
+    /// The named file (which must exist), or else /etc/cairn/config.toml if there is one.
+    pub fn load_named_or_default(named: Option<&Path>) -> Result<Self, String> {
+        match named {
+            Some(path) => Self::load(path, true),
+            None => Self::load(Path::new(DEFAULT_CONFIG), false),
+        }
+    }
+
     pub fn parse(text: &str) -> Result<Self, String> {
         toml::from_str(text).map_err(|err| err.to_string())
     }

@@ -292,6 +292,16 @@ impl Direct {
     }
 }
 
+/// The standard output of a command that must have succeeded (else its stderr fails the test).
+pub fn succeeded(output: &std::process::Output) -> String {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// The errno of a failed std call.
 pub fn errno<T: std::fmt::Debug>(result: std::io::Result<T>) -> i32 {
     result
