@@ -278,6 +278,9 @@ async fn serve(args: MountArgs, state_dir: &Path) -> Result<(), String> {
         cache_dir: cache_dir.clone(),
         source: format!("cairn:{spec}"),
     };
+    // Handlers before the mount goes live: a SIGTERM from then on must drain, never kill.
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mounted = mount(
         store,
         &args.mountpoint,
@@ -297,8 +300,6 @@ async fn serve(args: MountArgs, state_dir: &Path) -> Result<(), String> {
         ))
     });
 
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-    let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut ticker = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {

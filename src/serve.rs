@@ -43,6 +43,9 @@ async fn serve(args: ServeArgs, state_dir: &Path) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     driver.adopt().await.map_err(|e| e.to_string())?;
+    // Handlers first: a SIGTERM that arrives once the socket answers must stop cairn cleanly.
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let listener = server::bind(&config.socket)
         .map_err(|e| format!("cannot listen on {}: {e}", config.socket.display()))?;
     eprintln!(
@@ -50,8 +53,6 @@ async fn serve(args: ServeArgs, state_dir: &Path) -> Result<(), String> {
         config.socket.display(),
         state_dir.display()
     );
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-    let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let stopped = async move {
         tokio::select! {
             _ = interrupt.recv() => {},
