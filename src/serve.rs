@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use cairn_driver::config::Config;
-use cairn_driver::server;
 use cairn_driver::volumes::Driver;
+use cairn_driver::{metrics, server};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Debug, clap::Args)]
@@ -43,6 +43,17 @@ async fn serve(args: ServeArgs, state_dir: &Path) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     driver.adopt().await.map_err(|e| e.to_string())?;
+    let driver = Arc::new(driver);
+    let metrics = match config.metrics_address {
+        Some(address) => {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|e| format!("cannot serve metrics on {address}: {e}"))?;
+            eprintln!("cairn serves metrics on http://{address}/metrics");
+            Some(tokio::spawn(metrics::serve(Arc::clone(&driver), listener)))
+        }
+        None => None,
+    };
     // Handlers first: a SIGTERM that arrives once the socket answers must stop cairn cleanly.
     let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
@@ -59,7 +70,10 @@ async fn serve(args: ServeArgs, state_dir: &Path) -> Result<(), String> {
             _ = terminate.recv() => {},
         }
     };
-    server::serve(Arc::new(driver), listener, stopped).await;
+    server::serve(driver, listener, stopped).await;
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     let _ = std::fs::remove_file(&config.socket);
     eprintln!("cairn stopped serving; running mounts go on");
     Ok(())

@@ -108,3 +108,102 @@ fn without_a_daemon_the_report_says_so() {
     let err = String::from_utf8_lossy(&output.stderr);
     assert!(err.contains("is `cairn serve` running?"), "{err}");
 }
+
+/// The body of `GET /metrics` on `address`, as Prometheus asks for it.
+fn scrape(address: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).expect("the metrics address answers");
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    body.to_string()
+}
+
+/// The value of the sample `series` (name and labels, exactly as written), if there is one.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn prometheus_scrapes_what_the_mounts_do() {
+    let mut daemon = Daemon::start(StoreKind::S3);
+    let address = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().to_string()
+    };
+    let config = std::fs::read_to_string(&daemon.config).unwrap();
+    std::fs::write(
+        &daemon.config,
+        format!("metrics_address = \"{address}\"\n{config}"),
+    )
+    .unwrap();
+    daemon.restart();
+    let idle = scrape(&address);
+    assert_eq!(idle.trim(), "# EOF", "nothing mounted, nothing to show");
+
+    assert_eq!(
+        daemon.create("metered", json!({"writeback_delay": "600"})),
+        ""
+    );
+    daemon
+        .direct()
+        .put("metered/old.bin", &[5u8; 300_000], Default::default());
+    assert_eq!(daemon.mount("metered", "c1")["Err"], "");
+    let mountpoint = daemon.mountpoint("metered");
+    std::fs::write(mountpoint.join("new.bin"), vec![9u8; 100_000]).unwrap();
+    assert_eq!(
+        std::fs::read(mountpoint.join("old.bin")).unwrap().len(),
+        300_000
+    );
+
+    let before = scrape(&address);
+    let volume = "volume=\"metered\"";
+    assert_eq!(
+        sample(&before, &format!("cairn_mounted{{{volume}}}")),
+        Some(1.0)
+    );
+    let dirty = sample(&before, &format!("cairn_dirty_bytes{{{volume}}}")).unwrap();
+    assert!(dirty >= 100_000.0, "{before}");
+    let queued = sample(&before, &format!("cairn_upload_queue_changes{{{volume}}}")).unwrap();
+    assert!(queued >= 1.0, "{before}");
+    let misses = sample(&before, &format!("cairn_cache_misses_total{{{volume}}}")).unwrap();
+    assert!(
+        misses >= 1.0,
+        "the first read of old.bin came from the store: {before}"
+    );
+    let writes = format!("cairn_fuse_operation_seconds_count{{{volume},op=\"write\"}}");
+    assert!(sample(&before, &writes).unwrap() >= 1.0, "{before}");
+    let received = format!("cairn_store_received_bytes_total{{{volume},op=\"get\"}}");
+    assert!(sample(&before, &received).unwrap() >= 300_000.0, "{before}");
+
+    succeeded(&cairn(&daemon, &["flush", "metered"]));
+    assert_eq!(
+        std::fs::read(mountpoint.join("old.bin")).unwrap().len(),
+        300_000
+    );
+    let after = scrape(&address);
+    assert_eq!(
+        sample(&after, &format!("cairn_dirty_bytes{{{volume}}}")),
+        Some(0.0),
+        "{after}"
+    );
+    let sent = format!("cairn_store_sent_bytes_total{{{volume},op=\"put\"}}");
+    assert!(sample(&after, &sent).unwrap() >= 100_000.0, "{after}");
+    let hits = sample(&after, &format!("cairn_cache_hits_total{{{volume}}}")).unwrap();
+    assert!(
+        hits >= 1.0,
+        "reads after the first found what it fetched: {after}"
+    );
+    let uploaded = sample(&after, &format!("cairn_uploaded_bytes_total{{{volume}}}")).unwrap();
+    assert!(uploaded >= 100_000.0, "{after}");
+    assert_eq!(daemon.unmount("metered", "c1"), "");
+    assert_eq!(scrape(&address).trim(), "# EOF");
+}

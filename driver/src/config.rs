@@ -7,6 +7,7 @@
 //! default_store = "s3"
 //! host_id = "web-1"      # default: the hostname
 //! lease_ttl = 30         # seconds
+//! metrics_address = "127.0.0.1:9108"   # GET /metrics for Prometheus; off without it
 //!
 //! [stores.s3]
 //! spec = "s3://my-bucket/volumes?region=eu-west-1&secret_file=/etc/cairn/s3.secret"
@@ -42,6 +43,8 @@ pub struct Config {
     /// Seconds an exclusive volume's lease lasts without renewal: after a host dies, another
     /// may take its volumes over this long after its last renewal.
     pub lease_ttl: u64,
+    /// Where `GET /metrics` answers for Prometheus; no metrics endpoint without it.
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -62,6 +65,7 @@ impl Default for Config {
             stores: BTreeMap::new(),
             host_id: None,
             lease_ttl: 30,
+            metrics_address: None,
         }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod config;
+pub mod metrics;
 pub mod names;
 pub mod options;
 pub mod protocol;

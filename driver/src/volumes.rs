@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use cairn_fs::metrics::MetricsSnapshot;
 use cairn_fs::store::{ErrorKind, SharedStore, StoreError, StoreExt, StoreSpec, open_store};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -50,6 +51,17 @@ pub enum DriverError {
 }
 
 /// A volume as Get and List describe it.
+/// What one mounted volume is doing: its mount process's upload status and counters, and the
+/// disk its cache takes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MountFigures {
+    pub volume: String,
+    /// The mount's `status` answer (JSON), or null if it did not answer.
+    pub status: Value,
+    pub counters: MetricsSnapshot,
+    pub cache_bytes: u64,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct VolumeInfo {
     pub name: String,
@@ -665,7 +677,7 @@ impl Driver {
         status.insert("mounted".into(), json!(serving.is_some()));
         if let Some(process) = serving {
             status.insert("pid".into(), json!(process.pid));
-            if let Some(Value::Object(uploads)) = ask_status(&process.mountpoint).await {
+            if let Some(Value::Object(uploads)) = ask_mount(&process.mountpoint, "status").await {
                 status.extend(uploads);
             }
         }
@@ -713,6 +725,39 @@ impl Driver {
             described.push(info);
         }
         Ok(described)
+    }
+
+    /// What every volume mounted here is doing, for the metrics endpoint: asked of the mount
+    /// processes and the local disk only, never of the store.
+    pub async fn mounted_figures(&self) -> Result<Vec<MountFigures>, DriverError> {
+        let mut figures = Vec::new();
+        for record in self.registry(|r| r.volumes()).await? {
+            let key = record.name.clone();
+            let Some(process) = self.registry(move |r| r.process(&key)).await? else {
+                continue;
+            };
+            if !process.is_serving() {
+                continue;
+            }
+            let status = ask_mount(&process.mountpoint, "status").await;
+            let counters = ask_mount(&process.mountpoint, "metrics")
+                .await
+                .and_then(|value| serde_json::from_value(value).ok());
+            let Ok(name) = VolumeName::parse(&record.name) else {
+                continue;
+            };
+            let cache = self.volume_dir(&name).join("cache");
+            let cache_bytes = tokio::task::spawn_blocking(move || disk_usage(&cache))
+                .await
+                .unwrap_or(0);
+            figures.push(MountFigures {
+                volume: record.name,
+                status: status.unwrap_or(Value::Null),
+                counters: counters.unwrap_or_default(),
+                cache_bytes,
+            });
+        }
+        Ok(figures)
     }
 
     /// Drops registry entries of `store_name` whose records another host removed (unless mounted
@@ -891,12 +936,16 @@ fn show_options(options: &BTreeMap<String, String>) -> String {
         .join(", ")
 }
 
-/// The upload figures of the mount process serving `mountpoint`, from its control socket.
-async fn ask_status(mountpoint: &Path) -> Option<Value> {
+/// The answer of the mount process serving `mountpoint` to a one-line `request` on its control
+/// socket (`status`: the upload figures; `metrics`: its counters).
+async fn ask_mount(mountpoint: &Path, request: &str) -> Option<Value> {
     let path = cairn_fs::control::socket_path(mountpoint);
     let ask = async {
         let mut stream = tokio::net::UnixStream::connect(&path).await.ok()?;
-        stream.write_all(b"status\n").await.ok()?;
+        stream
+            .write_all(format!("{request}\n").as_bytes())
+            .await
+            .ok()?;
         let mut line = String::new();
         BufReader::new(stream).read_line(&mut line).await.ok()?;
         serde_json::from_str(&line).ok()

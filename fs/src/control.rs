@@ -8,7 +8,8 @@
 //! `oldest_pending_seconds` (how long the oldest waiting change has been due), `uploaded_bytes`,
 //! `upload_rate` (bytes per second over the last ten seconds),
 //! `applied_changes`, `failing`, `permanent` and `last_error` (the plugin daemon shows these in
-//! `docker volume inspect` and `cairn report`).
+//! `docker volume inspect` and `cairn report`). Or `metrics`, answered with one line of JSON: the
+//! mount's [`crate::metrics::MetricsSnapshot`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -123,6 +124,12 @@ async fn answer(
             "permanent": status.permanent,
             "last_error": status.last_error.map(|(_, message)| message),
         });
+        write.write_all(format!("{line}\n").as_bytes()).await?;
+        return Ok(());
+    }
+    if request.trim() == "metrics" {
+        let line =
+            serde_json::to_string(&fs.metrics().snapshot()).map_err(std::io::Error::other)?;
         write.write_all(format!("{line}\n").as_bytes()).await?;
         return Ok(());
     }

@@ -28,7 +28,9 @@ use crate::attrs::{Attrs, Defaults, Kind, S_IFDIR, S_IFREG};
 use crate::cache::{Cache, Partial, RangeSet};
 use crate::error::{FsError, FsResult};
 use crate::journal::{Change, Journal, StoredAttrs};
+use crate::metrics::Metrics;
 use crate::namespace::{Inode, Namespace, ROOT, Remote};
+use crate::store::metered::MeteredStore;
 use crate::store::{
     ErrorKind, GetOptions, ListOptions, MAX_KEY_LEN, ObjectInfo, PutOptions, SharedStore, StoreExt,
 };
@@ -202,7 +204,9 @@ enum Found {
 /// The filesystem over one store prefix.
 #[derive(Debug)]
 pub struct Filesystem {
+    /// The store, counted in `metrics`.
     store: SharedStore,
+    metrics: Arc<Metrics>,
     cache: Cache,
     config: FsConfig,
     ns: Mutex<Namespace>,
@@ -288,8 +292,11 @@ impl Filesystem {
             gid: config.defaults.gid,
             mtime: SystemTime::now(),
         };
+        let metrics = Arc::new(Metrics::default());
+        let store: SharedStore = Arc::new(MeteredStore::new(store, Arc::clone(&metrics)));
         let fs = Self {
             store,
+            metrics,
             cache,
             config,
             ns: Mutex::new(Namespace::new(root_attrs)),
@@ -311,6 +318,11 @@ impl Filesystem {
 
     pub fn config(&self) -> &FsConfig {
         &self.config
+    }
+
+    /// What this mount counted so far.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     fn ns(&self) -> MutexGuard<'_, Namespace> {
@@ -1761,6 +1773,9 @@ impl Filesystem {
             return Ok(Bytes::new());
         }
         let end = (offset + size as u64).min(length);
+        let stored_end = end.min(content.remote_limit);
+        self.metrics
+            .cache_read(offset >= stored_end || content.present.contains(offset..stored_end));
         if let Err(err) = self.fetch(&key, &mut content, offset..end, window).await {
             if !matches!(&err, FsError::Store(e) if e.kind() == ErrorKind::PreconditionFailed) {
                 return Err(err);

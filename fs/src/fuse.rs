@@ -5,7 +5,7 @@
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
@@ -35,14 +35,20 @@ impl FuseAdapter {
         self.fs.config().metadata_ttl
     }
 
-    /// Runs `work` on the runtime, in a span named after the request.
+    /// Runs `work` on the runtime, in a span named after the request, and counts it.
     fn spawn<F>(&self, name: &'static str, work: impl FnOnce(Arc<Filesystem>) -> F)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
         let future = work(Arc::clone(&self.fs));
+        let metrics = Arc::clone(self.fs.metrics());
+        let started = Instant::now();
+        let timed = async move {
+            future.await;
+            metrics.fuse_operation(name, started.elapsed());
+        };
         self.runtime
-            .spawn(future.instrument(debug_span!("fuse", op = name)));
+            .spawn(timed.instrument(debug_span!("fuse", op = name)));
     }
 }
 

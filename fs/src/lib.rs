@@ -10,6 +10,7 @@ pub mod fs;
 pub mod fuse;
 pub mod journal;
 pub mod lease;
+pub mod metrics;
 pub mod mount;
 pub mod namespace;
 pub mod store;

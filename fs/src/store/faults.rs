@@ -9,27 +9,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub use super::Op;
 use super::{
     CompletedPart, GetOptions, GetResult, ListOptions, ListPage, Metadata, ObjectInfo, PartSource,
     PutCondition, PutOptions, PutResult, Result, SharedStore, Store, StoreError, UploadId,
 };
-
-/// The operations of [`Store`], to aim a fault at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Op {
-    Head,
-    Get,
-    Put,
-    StartMultipart,
-    UploadPart,
-    UploadPartCopy,
-    CompleteMultipart,
-    AbortMultipart,
-    List,
-    Delete,
-    DeleteMany,
-    Copy,
-}
 
 /// When a fault applies.
 #[derive(Debug, Clone)]

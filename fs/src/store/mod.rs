@@ -20,6 +20,7 @@ pub mod conformance;
 pub mod dir;
 pub mod faults;
 pub mod memory;
+pub mod metered;
 pub mod s3;
 pub mod spec;
 
@@ -159,6 +160,43 @@ pub struct CompletedPart {
     /// 1 to 10,000, as in S3.
     pub part_number: u32,
     pub etag: ETag,
+}
+
+/// The operations of [`Store`]: to count them, or to aim a fault at one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    Head,
+    Get,
+    Put,
+    StartMultipart,
+    UploadPart,
+    UploadPartCopy,
+    CompleteMultipart,
+    AbortMultipart,
+    List,
+    Delete,
+    DeleteMany,
+    Copy,
+}
+
+impl Op {
+    /// The operation's name in metrics and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Head => "head",
+            Op::Get => "get",
+            Op::Put => "put",
+            Op::StartMultipart => "start_multipart",
+            Op::UploadPart => "upload_part",
+            Op::UploadPartCopy => "upload_part_copy",
+            Op::CompleteMultipart => "complete_multipart",
+            Op::AbortMultipart => "abort_multipart",
+            Op::List => "list",
+            Op::Delete => "delete",
+            Op::DeleteMany => "delete_many",
+            Op::Copy => "copy",
+        }
+    }
 }
 
 /// The operations the filesystem needs from a place that holds objects.
