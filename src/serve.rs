@@ -20,6 +20,10 @@ pub struct ServeArgs {
     /// The plugin socket, instead of the config's (its file name is the driver's name in Docker).
     #[arg(long)]
     pub socket: Option<PathBuf>,
+    /// Where volumes are mounted, instead of the config's `mounts_dir` (the managed plugin sets
+    /// its propagated mount here).
+    #[arg(long, env = "CAIRN_MOUNTS_DIR")]
+    pub mounts_dir: Option<PathBuf>,
 }
 
 pub async fn run(args: ServeArgs, state_dir: &Path) -> ExitCode {
@@ -36,6 +40,9 @@ async fn serve(args: ServeArgs, state_dir: &Path) -> Result<(), String> {
     let mut config = Config::load_named_or_default(args.config.as_deref())?;
     if let Some(socket) = args.socket {
         config.socket = socket;
+    }
+    if let Some(mounts_dir) = args.mounts_dir {
+        config.mounts_dir = Some(mounts_dir);
     }
     let program = std::env::current_exe()
         .map_err(|e| format!("cannot find the cairn binary for mount processes: {e}"))?;

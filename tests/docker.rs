@@ -432,6 +432,94 @@ fn a_stateful_container_moves_to_another_host() {
     assert_eq!(back, "20\n", "the volume moves back to host A");
 }
 
+/// The managed plugin, as a user installs it: the bundle script, `docker plugin create`, `set`
+/// and `enable`; then a container writes to a volume of it and another reads it back, on an S3
+/// store that the plugin's config (in the config mount, with its secret file) names.
+#[test]
+fn a_container_runs_on_the_managed_plugin() {
+    const PLUGIN: &str = "cairn-test-managed:latest";
+    let host = tempfile::tempdir().unwrap();
+    let (bundle, etc, state) = (
+        host.path().join("bundle"),
+        host.path().join("etc"),
+        host.path().join("state"),
+    );
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::create_dir_all(&state).unwrap();
+    let server = cairn_testkit::S3Server::shared();
+    // The spec as the host sees it, and as the plugin does (its secret file in the config mount).
+    let host_spec = server.spec(&cairn_testkit::S3Server::unique_prefix("managed"));
+    let mut spec = host_spec.clone();
+    if let Some(secret) = &server.secret_file {
+        std::fs::copy(secret, etc.join("s3.secret")).unwrap();
+        spec = spec.replace(&secret.display().to_string(), "/etc/cairn/s3.secret");
+    }
+    std::fs::write(
+        etc.join("config.toml"),
+        format!("default_store = \"s3\"\n[stores.s3]\nspec = \"{spec}\"\n"),
+    )
+    .unwrap();
+    let built = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/packaging/plugin/build.sh"
+    ))
+    .arg(&bundle)
+    .arg(env!("CARGO_BIN_EXE_cairn"))
+    .output()
+    .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+
+    // A plugin left by an earlier run that failed half-way.
+    let _ = docker(&["plugin", "rm", "-f", PLUGIN]);
+    docker_ok(&["plugin", "create", PLUGIN, &bundle.display().to_string()]);
+    let removed = RemoveOnDrop(vec!["plugin", "rm", "-f", PLUGIN]);
+    docker_ok(&[
+        "plugin",
+        "set",
+        PLUGIN,
+        &format!("config.source={}", etc.display()),
+        &format!("state.source={}", state.display()),
+    ]);
+    docker_ok(&["plugin", "enable", PLUGIN]);
+    let volume = format!(
+        "managed-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    docker_ok(&["volume", "create", "-d", PLUGIN, &volume]);
+    let volume_removed = RemoveOnDrop(vec!["volume", "rm", "-f", &volume]);
+
+    let mount = format!("{volume}:/data");
+    let run =
+        |script: &str| docker_ok(&["run", "--rm", "-v", &mount, &image(), "sh", "-c", script]);
+    run("echo from the managed plugin > /data/note && sync");
+    assert_eq!(run("cat /data/note"), "from the managed plugin\n");
+    let status = docker_ok(&["volume", "inspect", "--format", "{{json .Status}}", &volume]);
+    assert!(status.contains("s3://"), "{status}");
+    let stored = common::Direct::new(&host_spec)
+        .get(&format!("{volume}/note"))
+        .map(|(_, body)| body);
+    assert_eq!(stored.as_deref(), Some(&b"from the managed plugin\n"[..]));
+    assert!(
+        state.join("registry.db").exists(),
+        "the state mount holds the registry"
+    );
+    drop(volume_removed);
+    drop(removed);
+}
+
+/// Runs `docker ARGS` when dropped, whatever the test's outcome (cleanup).
+struct RemoveOnDrop<'a>(Vec<&'a str>);
+
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = docker(&self.0);
+    }
+}
+
 /// Each scenario once on the embedded dir store and once on S3.
 macro_rules! on_both_stores {
     ($($scenario:ident),* $(,)?) => {

@@ -7,6 +7,7 @@
 //! default_store = "s3"
 //! host_id = "web-1"      # default: the hostname
 //! lease_ttl = 30         # seconds
+//! mounts_dir = "/var/lib/cairn/mounts"  # where volumes are mounted (the default)
 //! metrics_address = "127.0.0.1:9108"   # GET /metrics for Prometheus; off without it
 //!
 //! [stores.s3]
@@ -45,6 +46,8 @@ pub struct Config {
     pub lease_ttl: u64,
     /// Where `GET /metrics` answers for Prometheus; no metrics endpoint without it.
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// Where volumes are mounted, one folder each. Default: STATE_DIR/mounts.
+    pub mounts_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -66,6 +69,7 @@ impl Default for Config {
             host_id: None,
             lease_ttl: 30,
             metrics_address: None,
+            mounts_dir: None,
         }
     }
 }

@@ -90,6 +90,9 @@ struct NamedStore {
 #[derive(Debug)]
 pub struct Driver {
     state_dir: PathBuf,
+    /// Where volumes are mounted (one folder each): the config's `mounts_dir`, or
+    /// STATE_DIR/mounts.
+    mounts_dir: PathBuf,
     /// The `cairn` binary the mount processes run.
     program: PathBuf,
     default_store: String,
@@ -142,10 +145,16 @@ impl Driver {
         program: PathBuf,
     ) -> Result<Self, DriverError> {
         // Only root gets in: the registry, the caches (volume data) and the mount logs.
-        for dir in ["mounts", "volumes"] {
-            private_dir(&state_dir.join(dir)).map_err(|e| local_error(state_dir, e))?;
+        let mounts_dir = config
+            .mounts_dir
+            .clone()
+            .unwrap_or_else(|| state_dir.join("mounts"));
+        for dir in [&mounts_dir, &state_dir.join("volumes")] {
+            private_dir(dir).map_err(|e| local_error(dir, e))?;
         }
         // Mountpoints are matched against the kernel's mount table, which has canonical paths.
+        let mounts_dir =
+            std::fs::canonicalize(&mounts_dir).map_err(|e| local_error(&mounts_dir, e))?;
         let state_dir = &std::fs::canonicalize(state_dir).map_err(|e| local_error(state_dir, e))?;
         let registry = Registry::open(&state_dir.join("registry.db"))
             .map_err(|e| local_error(state_dir, e))?;
@@ -202,6 +211,7 @@ impl Driver {
         }
         Ok(Self {
             state_dir: state_dir.to_path_buf(),
+            mounts_dir,
             program,
             default_store: config.default_store.clone(),
             stores,
@@ -277,7 +287,7 @@ impl Driver {
     }
 
     pub fn mountpoint(&self, name: &VolumeName) -> PathBuf {
-        self.state_dir.join("mounts").join(name.as_str())
+        self.mounts_dir.join(name.as_str())
     }
 
     fn volume_dir(&self, name: &VolumeName) -> PathBuf {
@@ -640,7 +650,7 @@ impl Driver {
     fn describe(&self, record: &VolumeRecord) -> VolumeInfo {
         VolumeInfo {
             name: record.name.clone(),
-            mountpoint: self.state_dir.join("mounts").join(&record.name),
+            mountpoint: self.mounts_dir.join(&record.name),
             created_at: record.created_at.clone(),
             status: BTreeMap::new(),
         }
