@@ -66,7 +66,7 @@ impl S3Options {
             secret_file: None,
             max_attempts: 5,
             connect_timeout: Duration::from_secs(5),
-            read_timeout: Duration::from_secs(60),
+            read_timeout: super::spec::DEFAULT_TIMEOUT,
         }
     }
 }

@@ -18,7 +18,17 @@ use super::s3::{S3Options, S3Store};
 use super::{Result, SharedStore, StoreError};
 
 /// The query parameters an `s3://` spec accepts.
-const S3_PARAMETERS: &[&str] = &["endpoint", "region", "path_style", "profile", "secret_file"];
+const S3_PARAMETERS: &[&str] = &[
+    "endpoint",
+    "region",
+    "path_style",
+    "profile",
+    "secret_file",
+    "timeout",
+];
+
+/// The default of `timeout=`: how long a request may wait for the store's answer.
+pub(crate) const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Which store, and how to reach it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,7 +41,7 @@ pub enum StoreSpec {
 fn bad_spec(spec: &str, why: impl fmt::Display) -> StoreError {
     StoreError::invalid(format!(
         "bad store spec {spec:?}: {why} (expected s3://BUCKET[/PREFIX][?endpoint=URL&region=R&\
-         path_style=true|false&profile=NAME&secret_file=PATH], dir:///ABSOLUTE/PATH or memory:)"
+         path_style=true|false&profile=NAME&secret_file=PATH&timeout=SECONDS], dir:///ABSOLUTE/PATH or memory:)"
     ))
 }
 
@@ -95,6 +105,14 @@ fn parse_s3(spec: &str, url: &Url) -> Result<S3Options> {
             }
             "profile" => options.profile = Some(value),
             "secret_file" => options.secret_file = Some(PathBuf::from(value)),
+            "timeout" => {
+                let seconds: f64 = value
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s > 0.0)
+                    .ok_or_else(|| bad_spec(spec, "timeout must be a number of seconds above 0"))?;
+                options.read_timeout = std::time::Duration::from_secs_f64(seconds);
+            }
             secret
                 if secret.contains("key")
                     || secret.contains("secret")
@@ -144,6 +162,10 @@ impl fmt::Display for StoreSpec {
                 }
                 if let Some(secret_file) = &options.secret_file {
                     pairs.push(("secret_file", secret_file.display().to_string()));
+                }
+                if options.read_timeout != DEFAULT_TIMEOUT {
+                    let seconds = options.read_timeout.as_secs_f64();
+                    pairs.push(("timeout", seconds.to_string()));
                 }
                 // Escape only what would change the query's meaning, so URLs stay readable.
                 const QUERY_VALUE: &AsciiSet =
@@ -199,7 +221,7 @@ mod tests {
     #[test]
     fn s3_specs_carry_endpoint_region_and_style() {
         let spec: StoreSpec =
-            "s3://bucket/vols/a?endpoint=http://127.0.0.1:9000&region=eu-1&path_style=false"
+            "s3://bucket/vols/a?endpoint=http://127.0.0.1:9000&region=eu-1&path_style=false&timeout=2.5"
                 .parse()
                 .unwrap();
         let StoreSpec::S3(options) = &spec else {
@@ -210,6 +232,7 @@ mod tests {
         assert_eq!(options.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
         assert_eq!(options.region.as_deref(), Some("eu-1"));
         assert_eq!(options.path_style, Some(false));
+        assert_eq!(options.read_timeout, std::time::Duration::from_millis(2500));
         let again: StoreSpec = spec.to_string().parse().unwrap();
         assert_eq!(again, spec);
     }
@@ -250,5 +273,7 @@ mod tests {
         let scheme = "ftp://host/x".parse::<StoreSpec>().unwrap_err();
         assert!(scheme.message().contains("unknown store type"), "{scheme}");
         assert!("s3:///prefix".parse::<StoreSpec>().is_err());
+        let timeout = "s3://b?timeout=soon".parse::<StoreSpec>().unwrap_err();
+        assert!(timeout.message().contains("seconds"), "{timeout}");
     }
 }
