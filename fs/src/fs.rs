@@ -228,7 +228,18 @@ pub struct Filesystem {
     fenced: Mutex<Option<String>>,
     /// With a lease: until when the last renewal lets this mount write to the store.
     uploads_until: Mutex<Option<Instant>>,
+    /// Set when the store failed to answer: until then, lookups and listings answer from what
+    /// the mount knows without asking it again (so a store that stops answering does not make
+    /// every new name wait out its timeouts).
+    store_down_until: Arc<Mutex<Option<Instant>>>,
 }
+
+/// How long after the store failed to answer lookups and listings stop asking it; then one
+/// request in the background looks again (and the uploader's first success ends it early).
+const STORE_DOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How long a lookup or listing waits for the store before answering from what the mount knows.
+const METADATA_BUDGET: Duration = Duration::from_secs(10);
 
 fn check_name(name: &OsStr) -> FsResult<String> {
     if name.len() > NAME_MAX {
@@ -281,6 +292,15 @@ fn unreachable(err: &FsError) -> bool {
     matches!(err, FsError::Store(e) if e.kind().is_retryable())
 }
 
+/// What a lookup or listing gets when the store does not answer in time, or did not a moment
+/// ago.
+fn store_down() -> crate::store::StoreError {
+    crate::store::StoreError::new(
+        ErrorKind::Unavailable,
+        "the store does not answer; answering from what this mount knows",
+    )
+}
+
 impl Filesystem {
     /// A filesystem over `store`, with its cache and change log in `cache`. Changes recorded by
     /// an earlier run (a crash) are picked up; [`Filesystem::start_uploader`] applies them.
@@ -311,6 +331,7 @@ impl Filesystem {
             dirty_bytes: AtomicU64::new(0),
             fenced: Mutex::new(None),
             uploads_until: Mutex::new(None),
+            store_down_until: Arc::default(),
         };
         fs.remove_orphaned_cache_files()?;
         Ok(fs)
@@ -327,6 +348,52 @@ impl Filesystem {
 
     fn ns(&self) -> MutexGuard<'_, Namespace> {
         self.ns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the store failed to answer lately. Once [`STORE_DOWN_GRACE`] has passed, a
+    /// request in the background looks again, and until it succeeds the answer stays yes: no
+    /// lookup or listing waits on a store that is known not to answer.
+    fn store_seems_down(&self) -> bool {
+        let mut until = self
+            .store_down_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match *until {
+            None => false,
+            Some(at) if Instant::now() < at => true,
+            Some(_) => {
+                *until = Some(Instant::now() + STORE_DOWN_GRACE);
+                let (store, down) = (Arc::clone(&self.store), Arc::clone(&self.store_down_until));
+                tokio::spawn(async move {
+                    // Any answer, "no such key" included, means the store is back.
+                    if store.head_opt(".cairn/alive").await.is_ok() {
+                        *down.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    }
+                });
+                true
+            }
+        }
+    }
+
+    /// Notes whether a metadata request reached the store.
+    fn note_store_reached(&self, reached: bool) {
+        if reached {
+            self.store_answered();
+        } else {
+            let mut until = self
+                .store_down_until
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            *until = Some(Instant::now() + STORE_DOWN_GRACE);
+        }
+    }
+
+    /// The store answered: ask it again from now on.
+    fn store_answered(&self) {
+        *self
+            .store_down_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     fn handles(&self) -> MutexGuard<'_, HashMap<u64, Handle>> {
@@ -589,7 +656,16 @@ impl Filesystem {
                 }
                 _ => {}
             }
-            let found = match self.probe(&key).await {
+            let probed = if self.store_seems_down() {
+                Err(FsError::Store(store_down()))
+            } else {
+                let probed = tokio::time::timeout(METADATA_BUDGET, self.probe(&key))
+                    .await
+                    .unwrap_or_else(|_| Err(FsError::Store(store_down())));
+                self.note_store_reached(!matches!(&probed, Err(err) if unreachable(err)));
+                probed
+            };
+            let found = match probed {
                 Ok(found) => found,
                 Err(err) if unreachable(&err) => {
                     let ns = self.ns();
@@ -938,7 +1014,16 @@ impl Filesystem {
         // Pending changes as they stand before the listing: one the uploader applies while the
         // listing runs may be missing from both the listing and the log afterwards.
         let pending_before = self.pending_children(&prefix);
-        match self.store.list_all(&prefix, true).await {
+        let listed = if self.store_seems_down() {
+            Err(store_down())
+        } else {
+            let listed = tokio::time::timeout(METADATA_BUDGET, self.store.list_all(&prefix, true))
+                .await
+                .unwrap_or_else(|_| Err(store_down()));
+            self.note_store_reached(!matches!(&listed, Err(err) if err.kind().is_retryable()));
+            listed
+        };
+        match listed {
             Ok(listed) => {
                 for prefix_entry in &listed.prefixes {
                     let name = prefix_entry[prefix.len()..].trim_end_matches('/');

@@ -3,7 +3,11 @@
 //! [`S3Server::shared`] is one moto S3 server per test process (or the S3 endpoint named by
 //! `CAIRN_TEST_S3_ENDPOINT` and `CAIRN_TEST_S3_BUCKET`, with credentials from the standard AWS
 //! variables). Servers are started so that they die with the test process, even on a panic.
-//! A missing server program is a loud failure, never a skipped test.
+//! A missing server program is a loud failure, never a skipped test. [`Relay`] and
+//! [`faults::FaultProxy`] stand between cairn and the server to take it away or make it
+//! misbehave.
+
+pub mod faults;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

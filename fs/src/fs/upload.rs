@@ -333,6 +333,7 @@ impl Filesystem {
                     }
                 }
                 self.attempts().remove(&seq);
+                self.store_answered();
                 let mut status = self.status();
                 status.failing = false;
                 status.permanent = false;

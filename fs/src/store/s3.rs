@@ -87,6 +87,9 @@ pub struct S3Store {
     client: Client,
     bucket: String,
     prefix: String,
+    /// GETs whose answer body is cut short are asked again, up to this many times in all (the
+    /// SDK retries failures before the body only).
+    get_attempts: u32,
 }
 
 impl S3Store {
@@ -127,6 +130,82 @@ impl S3Store {
             client: Client::from_conf(config.build()),
             bucket: options.bucket.clone(),
             prefix: options.prefix.clone(),
+            get_attempts: options.max_attempts.max(1),
+        })
+    }
+
+    /// One GET: the answer (an object or an error), or `Err` when the answer's body was cut
+    /// short, which is worth asking again.
+    async fn get_once(
+        &self,
+        key: &str,
+        options: &GetOptions,
+    ) -> std::result::Result<Result<GetResult>, StoreError> {
+        let full = self.full_key(key)?;
+        let empty_range = options.range.as_ref().is_some_and(|r| r.start >= r.end);
+        let mut request = self.client.get_object().bucket(&self.bucket).key(&full);
+        if let Some(range) = options.range.as_ref().filter(|_| !empty_range) {
+            request = request.range(format!("bytes={}-{}", range.start, range.end - 1));
+        }
+        if let Some(want) = &options.if_match {
+            request = request.if_match(&want.0);
+        }
+        let out = if empty_range {
+            None
+        } else {
+            match request.send().await {
+                Ok(out) => Some(out),
+                // The range starts at or past the end: zero bytes, as the trait promises.
+                Err(SdkError::ServiceError(context)) if context.raw().status().as_u16() == 416 => {
+                    None
+                }
+                Err(err) => return Ok(Err(classify(err, &format!("GET {key}")))),
+            }
+        };
+        let Some(out) = out else {
+            return Ok(self.empty_range(key, options).await);
+        };
+        let length = out.content_length().unwrap_or(0).max(0) as u64;
+        let size = total_from_content_range(out.content_range()).unwrap_or(length);
+        let start = options.range.as_ref().map_or(0, |r| r.start);
+        let info = ObjectInfo {
+            key: key.to_string(),
+            size,
+            etag: etag(out.e_tag()),
+            last_modified: system_time(out.last_modified()),
+            metadata: metadata(out.metadata()),
+        };
+        let body = out.body.collect().await.map_err(|e| {
+            StoreError::new(
+                ErrorKind::Unavailable,
+                format!("GET {key}: reading the body: {e}"),
+            )
+        })?;
+        let body = body.into_bytes();
+        if body.len() as u64 != length {
+            return Err(StoreError::new(
+                ErrorKind::Unavailable,
+                format!("GET {key}: got {} of {length} bytes", body.len()),
+            ));
+        }
+        Ok(Ok(GetResult {
+            info,
+            range: start..start + length,
+            body,
+        }))
+    }
+
+    /// The answer to a GET of a range that starts at or past the object's end: no bytes.
+    async fn empty_range(&self, key: &str, options: &GetOptions) -> Result<GetResult> {
+        let info = self.head(key).await?;
+        if let Some(want) = &options.if_match {
+            super::condition_holds(key, &PutCondition::IfMatch(want.clone()), Some(&info.etag))?;
+        }
+        let at = clamp_range(options.range.clone(), info.size).start;
+        Ok(GetResult {
+            info,
+            range: at..at,
+            body: Bytes::new(),
         })
     }
 
@@ -364,71 +443,18 @@ impl Store for S3Store {
     }
 
     async fn get(&self, key: &str, options: GetOptions) -> Result<GetResult> {
-        let full = self.full_key(key)?;
-        let empty_range = options.range.as_ref().is_some_and(|r| r.start >= r.end);
-        let mut request = self.client.get_object().bucket(&self.bucket).key(&full);
-        if let Some(range) = options.range.as_ref().filter(|_| !empty_range) {
-            request = request.range(format!("bytes={}-{}", range.start, range.end - 1));
-        }
-        if let Some(want) = &options.if_match {
-            request = request.if_match(&want.0);
-        }
-        let out = if empty_range {
-            None
-        } else {
-            match request.send().await {
-                Ok(out) => Some(out),
-                // The range starts at or past the end: zero bytes, as the trait promises.
-                Err(SdkError::ServiceError(context)) if context.raw().status().as_u16() == 416 => {
-                    None
+        let mut attempt = 1;
+        loop {
+            match self.get_once(key, &options).await {
+                Ok(answer) => return answer,
+                Err(cut) if attempt >= self.get_attempts => return Err(cut),
+                Err(cut) => {
+                    tracing::debug!("{cut}; asking again");
+                    tokio::time::sleep(Duration::from_millis(200) * attempt).await;
+                    attempt += 1;
                 }
-                Err(err) => return Err(classify(err, &format!("GET {key}"))),
             }
-        };
-        let Some(out) = out else {
-            let info = self.head(key).await?;
-            if let Some(want) = &options.if_match {
-                super::condition_holds(
-                    key,
-                    &PutCondition::IfMatch(want.clone()),
-                    Some(&info.etag),
-                )?;
-            }
-            let at = clamp_range(options.range, info.size).start;
-            return Ok(GetResult {
-                info,
-                range: at..at,
-                body: Bytes::new(),
-            });
-        };
-        let length = out.content_length().unwrap_or(0).max(0) as u64;
-        let size = total_from_content_range(out.content_range()).unwrap_or(length);
-        let start = options.range.as_ref().map_or(0, |r| r.start);
-        let info = ObjectInfo {
-            key: key.to_string(),
-            size,
-            etag: etag(out.e_tag()),
-            last_modified: system_time(out.last_modified()),
-            metadata: metadata(out.metadata()),
-        };
-        let body = out.body.collect().await.map_err(|e| {
-            StoreError::new(
-                ErrorKind::Unavailable,
-                format!("GET {key}: reading the body: {e}"),
-            )
-        })?;
-        let body = body.into_bytes();
-        if body.len() as u64 != length {
-            return Err(StoreError::new(
-                ErrorKind::Unavailable,
-                format!("GET {key}: got {} of {length} bytes", body.len()),
-            ));
         }
-        Ok(GetResult {
-            info,
-            range: start..start + length,
-            body,
-        })
     }
 
     async fn put(&self, key: &str, body: Bytes, options: PutOptions) -> Result<PutResult> {
