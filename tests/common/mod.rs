@@ -101,6 +101,11 @@ impl Volume {
         self.child = Some(child);
     }
 
+    /// The mount process's ID, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn path(&self, relative: &str) -> PathBuf {
         self.mountpoint.join(relative)
     }
