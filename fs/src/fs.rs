@@ -228,7 +228,7 @@ pub struct Filesystem {
     fenced: Mutex<Option<String>>,
     /// With a lease: until when the last renewal lets this mount write to the store.
     uploads_until: Mutex<Option<Instant>>,
-    /// Set when the store failed to answer: until then, lookups and listings answer from what
+    /// Set when the store did not answer in time: until then, lookups and listings answer from what
     /// the mount knows without asking it again (so a store that stops answering does not make
     /// every new name wait out its timeouts).
     store_down_until: Arc<Mutex<Option<Instant>>>,
@@ -292,11 +292,17 @@ fn unreachable(err: &FsError) -> bool {
     matches!(err, FsError::Store(e) if e.kind().is_retryable())
 }
 
+/// Whether an error means the store did not answer in time (an error it answered with, a 500
+/// say, shows it is there).
+fn timed_out(err: &FsError) -> bool {
+    matches!(err, FsError::Store(e) if e.kind() == ErrorKind::Timeout)
+}
+
 /// What a lookup or listing gets when the store does not answer in time, or did not a moment
 /// ago.
 fn store_down() -> crate::store::StoreError {
     crate::store::StoreError::new(
-        ErrorKind::Unavailable,
+        ErrorKind::Timeout,
         "the store does not answer; answering from what this mount knows",
     )
 }
@@ -662,7 +668,7 @@ impl Filesystem {
                 let probed = tokio::time::timeout(METADATA_BUDGET, self.probe(&key))
                     .await
                     .unwrap_or_else(|_| Err(FsError::Store(store_down())));
-                self.note_store_reached(!matches!(&probed, Err(err) if unreachable(err)));
+                self.note_store_reached(!matches!(&probed, Err(err) if timed_out(err)));
                 probed
             };
             let found = match probed {
@@ -1020,7 +1026,7 @@ impl Filesystem {
             let listed = tokio::time::timeout(METADATA_BUDGET, self.store.list_all(&prefix, true))
                 .await
                 .unwrap_or_else(|_| Err(store_down()));
-            self.note_store_reached(!matches!(&listed, Err(err) if err.kind().is_retryable()));
+            self.note_store_reached(!matches!(&listed, Err(err) if err.kind() == ErrorKind::Timeout));
             listed
         };
         match listed {

@@ -1,0 +1,61 @@
+//! The store's own speed, for benches/peers.sh: writes MIB MiB to one object through cairn's
+//! store client alone (the AWS SDK; multipart, 8 MiB parts, 8 in flight), then reads it back in
+//! ranged GETs of 8 MiB, 8 in flight. Prints `put SECONDS` and `get SECONDS`.
+//!
+//!     cargo run --release -p cairn-fs --example raw_store -- SPEC MIB
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use cairn_fs::store::{GetOptions, PutCondition, StoreSpec, open_store};
+use futures::stream::{self, StreamExt, TryStreamExt};
+
+const PART: u64 = 8 << 20;
+const IN_FLIGHT: usize = 8;
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let usage = "usage: raw_store SPEC MIB";
+    let spec: StoreSpec = args.next().ok_or(usage)?.parse()?;
+    let mib: u64 = args.next().ok_or(usage)?.parse()?;
+    let store = open_store(&spec).await?;
+    let size = mib << 20;
+    let part = Bytes::from(vec![0x5a; PART as usize]);
+    let key = "raw-store-bench";
+
+    let started = Instant::now();
+    let upload = store.start_multipart(key, Default::default()).await?;
+    let parts: Vec<_> = stream::iter((0..size.div_ceil(PART)).map(|n| {
+        let len = PART.min(size - n * PART) as usize;
+        let (store, upload, body) = (store.clone(), upload.clone(), part.slice(..len));
+        async move { store.upload_part(key, &upload, n as u32 + 1, body).await }
+    }))
+    .buffered(IN_FLIGHT)
+    .try_collect()
+    .await?;
+    store
+        .complete_multipart(key, &upload, parts, PutCondition::Always)
+        .await?;
+    println!("put {:.3}", started.elapsed().as_secs_f64());
+
+    let started = Instant::now();
+    let got: u64 = stream::iter((0..size.div_ceil(PART)).map(|n| {
+        let store = store.clone();
+        let range = n * PART..((n + 1) * PART).min(size);
+        async move {
+            let options = GetOptions {
+                range: Some(range),
+                if_match: None,
+            };
+            store.get(key, options).await.map(|got| got.body.len() as u64)
+        }
+    }))
+    .buffer_unordered(IN_FLIGHT)
+    .try_fold(0, |total, len| async move { Ok(total + len) })
+    .await?;
+    println!("get {:.3}", started.elapsed().as_secs_f64());
+    assert_eq!(got, size, "read back all the bytes");
+    store.delete(key).await?;
+    Ok(())
+}
