@@ -48,7 +48,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 range: Some(range),
                 if_match: None,
             };
-            store.get(key, options).await.map(|got| got.body.len() as u64)
+            store
+                .get(key, options)
+                .await
+                .map(|got| got.body.len() as u64)
         }
     }))
     .buffer_unordered(IN_FLIGHT)

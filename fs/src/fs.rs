@@ -1026,7 +1026,9 @@ impl Filesystem {
             let listed = tokio::time::timeout(METADATA_BUDGET, self.store.list_all(&prefix, true))
                 .await
                 .unwrap_or_else(|_| Err(store_down()));
-            self.note_store_reached(!matches!(&listed, Err(err) if err.kind() == ErrorKind::Timeout));
+            self.note_store_reached(
+                !matches!(&listed, Err(err) if err.kind() == ErrorKind::Timeout),
+            );
             listed
         };
         match listed {

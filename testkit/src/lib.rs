@@ -241,7 +241,10 @@ pub struct Relay {
 struct RelayState {
     running: std::sync::atomic::AtomicBool,
     generation: std::sync::atomic::AtomicU64,
-    connections: Mutex<Vec<TcpStream>>,
+    /// Open connections by number (client and server sides), to cut them on `stop`; each is
+    /// dropped once its client hangs up, so a long run does not run out of descriptors.
+    connections: Mutex<std::collections::HashMap<u64, [TcpStream; 2]>>,
+    next_connection: std::sync::atomic::AtomicU64,
     /// Bytes relayed towards the server, and back.
     sent: std::sync::atomic::AtomicU64,
     received: std::sync::atomic::AtomicU64,
@@ -277,20 +280,37 @@ impl Relay {
                         let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
                             continue;
                         };
+                        let (Ok(client_side), Ok(server_side)) =
+                            (client.try_clone(), server.try_clone())
+                        else {
+                            continue;
+                        };
+                        let id = state.next_connection.fetch_add(1, Ordering::Relaxed);
                         let mut connections = state.connections.lock().unwrap();
-                        connections.push(client.try_clone().unwrap());
-                        connections.push(server.try_clone().unwrap());
+                        connections.insert(id, [client_side, server_side]);
                         drop(connections);
                         let (sent, received) =
                             (std::sync::Arc::clone(&state), std::sync::Arc::clone(&state));
+                        let (Ok(from_client), Ok(to_server)) =
+                            (client.try_clone(), server.try_clone())
+                        else {
+                            continue;
+                        };
+                        let forget = std::sync::Arc::clone(&state);
                         pipe(
-                            client.try_clone().unwrap(),
-                            server.try_clone().unwrap(),
+                            from_client,
+                            to_server,
                             move |n| sent.sent.fetch_add(n, Ordering::Relaxed),
+                            move || {
+                                forget.connections.lock().unwrap().remove(&id);
+                            },
                         );
-                        pipe(server, client, move |n| {
-                            received.received.fetch_add(n, Ordering::Relaxed)
-                        });
+                        pipe(
+                            server,
+                            client,
+                            move |n| received.received.fetch_add(n, Ordering::Relaxed),
+                            || {},
+                        );
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
@@ -311,9 +331,17 @@ impl Relay {
     pub fn stop(&self) {
         use std::sync::atomic::Ordering;
         self.state.running.store(false, Ordering::SeqCst);
-        for stream in self.state.connections.lock().unwrap().drain(..) {
-            let _ = stream.shutdown(std::net::Shutdown::Both);
+        let mut connections = self
+            .state
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for (_, streams) in connections.drain() {
+            for stream in streams {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
         }
+        drop(connections);
         // Let the accept loop see the flag and drop the listener.
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -326,7 +354,13 @@ impl Drop for Relay {
 }
 
 /// Copies `from` to `to` until either ends, telling `count` each chunk's size.
-fn pipe(mut from: TcpStream, mut to: TcpStream, count: impl Fn(u64) -> u64 + Send + 'static) {
+/// Copies `from` to `to` on a thread of its own, counting bytes; `ended` runs when `from` ends.
+fn pipe(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    count: impl Fn(u64) -> u64 + Send + 'static,
+    ended: impl FnOnce() + Send + 'static,
+) {
     std::thread::spawn(move || {
         let mut buffer = vec![0; 64 * 1024];
         loop {
@@ -341,5 +375,6 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, count: impl Fn(u64) -> u64 + Sen
             }
         }
         let _ = to.shutdown(std::net::Shutdown::Write);
+        ended();
     });
 }
