@@ -1033,6 +1033,7 @@ impl Filesystem {
         };
         match listed {
             Ok(listed) => {
+                self.confirm_children(ino, &prefix, &listed);
                 for prefix_entry in &listed.prefixes {
                     let name = prefix_entry[prefix.len()..].trim_end_matches('/');
                     if check_new_name(OsStr::new(name)).is_ok() {
@@ -1078,6 +1079,38 @@ impl Filesystem {
             }
         }
         Ok(names)
+    }
+
+    /// A listing of `dir` just showed these names as the mount knows them (the same version of
+    /// a file, a directory as a directory): trust them afresh, so that the lookups of an
+    /// `ls -l` or `rm -r` that follows need not ask the store about each name again.
+    fn confirm_children(&self, dir: u64, prefix: &str, listed: &crate::store::ListPage) {
+        let now = Instant::now();
+        let mut ns = self.ns();
+        for object in &listed.objects {
+            let name = &object.key[prefix.len()..];
+            let Some(child) = ns.child(dir, name) else {
+                continue;
+            };
+            if let Some(inode) = ns.get_mut(child)
+                && inode.kind() == Kind::File
+                && inode
+                    .remote
+                    .as_ref()
+                    .is_some_and(|r| r.etag == object.etag && r.size == object.size)
+            {
+                inode.checked = now;
+            }
+        }
+        for dir_prefix in &listed.prefixes {
+            let name = dir_prefix[prefix.len()..].trim_end_matches('/');
+            if let Some(child) = ns.child(dir, name)
+                && let Some(inode) = ns.get_mut(child)
+                && inode.kind() == Kind::Dir
+            {
+                inode.checked = now;
+            }
+        }
     }
 
     /// The pending changes of a directory's entries: a name and what it becomes (None: gone).

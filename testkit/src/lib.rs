@@ -353,7 +353,6 @@ impl Drop for Relay {
     }
 }
 
-/// Copies `from` to `to` until either ends, telling `count` each chunk's size.
 /// Copies `from` to `to` on a thread of its own, counting bytes; `ended` runs when `from` ends.
 fn pipe(
     mut from: TcpStream,
