@@ -503,8 +503,14 @@ impl Filesystem {
 
     /// Asks the store what is at `key`: an object, a directory (prefix, with or without a
     /// marker), or nothing.
-    async fn probe(&self, key: &str) -> FsResult<Option<Found>> {
+    async fn probe(&self, key: &str, listed_as: Option<Kind>) -> FsResult<Option<Found>> {
         let marker = format!("{key}/");
+        // A listing just showed what the name is: one request for its attributes will do.
+        match listed_as {
+            Some(Kind::Dir) => return Ok(Some(Found::Dir(self.store.head_opt(&marker).await?))),
+            Some(_) => return Ok(self.store.head_opt(key).await?.map(Found::Object)),
+            None => {}
+        }
         let one = ListOptions {
             delimited: false,
             continuation: None,
@@ -587,6 +593,17 @@ impl Filesystem {
     /// change log, else from the store. With the store unreachable, what the mount knows
     /// (even stale) answers.
     async fn resolve(&self, parent: u64, name: &str) -> FsResult<Option<u64>> {
+        self.resolve_listed(parent, name, None).await
+    }
+
+    /// [`Self::resolve`] of a name a listing just showed as `listed_as` (a file or a directory),
+    /// which spares the store the requests that tell one from the other.
+    async fn resolve_listed(
+        &self,
+        parent: u64,
+        name: &str,
+        listed_as: Option<Kind>,
+    ) -> FsResult<Option<u64>> {
         let key = {
             let ns = self.ns();
             let key = Self::child_key(&ns, parent, name)?;
@@ -665,7 +682,7 @@ impl Filesystem {
             let probed = if self.store_seems_down() {
                 Err(FsError::Store(store_down()))
             } else {
-                let probed = tokio::time::timeout(METADATA_BUDGET, self.probe(&key))
+                let probed = tokio::time::timeout(METADATA_BUDGET, self.probe(&key, listed_as))
                     .await
                     .unwrap_or_else(|_| Err(FsError::Store(store_down())));
                 self.note_store_reached(!matches!(&probed, Err(err) if timed_out(err)));
@@ -1354,8 +1371,8 @@ impl Filesystem {
         let started = Instant::now();
         let names = self.entries_of(ino).await?;
         let mut entries: Vec<DirEntry> = stream::iter(names)
-            .map(|(name, _)| async move {
-                match self.resolve(ino, &name).await {
+            .map(|(name, kind)| async move {
+                match self.resolve_listed(ino, &name, Some(kind)).await {
                     Ok(Some(child)) => Some(self.attr(child).map(|attr| DirEntry { name, attr })),
                     Ok(None) => None, // Gone since the listing.
                     Err(err) => Some(Err(err)),
