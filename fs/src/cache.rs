@@ -247,34 +247,27 @@ impl Cache {
         fs::metadata(self.path_of(file)).map_or(0, |m| m.blocks() * 512)
     }
 
-    /// Evicts clean cached files, least recently used first, until the cache takes at most
-    /// nine tenths of `limit` bytes; files named in `keep` (changed, open, pending upload) are
-    /// never evicted.
-    pub fn evict(&self, limit: u64, keep: &std::collections::HashSet<String>) -> FsResult<()> {
-        let mut used: u64 = self.all_files()?.iter().map(|f| self.file_bytes(f)).sum();
+    /// What to evict to bring the cache under `limit` (to nine tenths of it): the bytes to free
+    /// (0 when under the limit) and every cached object as (key, file, bytes), least recently
+    /// used first. The caller skips the files in use and removes the rest with [`Self::remove`]
+    /// until enough is freed.
+    pub fn eviction_candidates(&self, limit: u64) -> FsResult<(u64, Vec<(String, String, u64)>)> {
+        let used: u64 = self.all_files()?.iter().map(|f| self.file_bytes(f)).sum();
         if used <= limit {
-            return Ok(());
+            return Ok((0, Vec::new()));
         }
-        let candidates: Vec<(String, String)> = {
-            let index = self.index();
-            let mut query = index.prepare("SELECT key, file FROM objects ORDER BY used")?;
-            query
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<_, _>>()?
-        };
-        let target = limit / 10 * 9;
-        for (key, file) in candidates {
-            if used <= target {
-                break;
-            }
-            if keep.contains(&file) {
-                continue;
-            }
-            let bytes = self.file_bytes(&file);
-            self.remove(&key)?;
-            used = used.saturating_sub(bytes);
-        }
-        Ok(())
+        let index = self.index();
+        let mut query = index.prepare("SELECT key, file FROM objects ORDER BY used")?;
+        let candidates = query
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .map(|(key, file)| {
+                let bytes = self.file_bytes(&file);
+                (key, file, bytes)
+            })
+            .collect();
+        Ok((used - limit / 10 * 9, candidates))
     }
 
     pub fn path_of(&self, file: &str) -> PathBuf {

@@ -1294,15 +1294,24 @@ impl Filesystem {
                     attrs: stored,
                 });
             }
-            Some(Change::Copy {
-                from, etag, size, ..
-            }) => {
-                return Ok(Change::Copy {
-                    from,
-                    etag,
-                    size,
-                    attrs: stored,
-                });
+            Some(Change::Copy { etag, size, .. }) => {
+                // Renamed again before its first copy reached the store. Chaining the copies
+                // would put the second after the delete of the first's source: move the
+                // contents from the cache if it holds all of them, else let the first copy land
+                // and copy from here.
+                let (cache, name) = (self.cache.clone(), key.to_string());
+                let cached = blocking(move || cache.lookup(&name)).await?;
+                if let Some(cached) = cached
+                    && cached.etag.0 == etag
+                    && cached.present.contains(0..size)
+                {
+                    return Ok(Change::PutFile {
+                        cache_file: cached.file,
+                        attrs: stored,
+                    });
+                }
+                self.wait_until_stored(key).await?;
+                return Box::pin(self.moved_version(ino, key)).await;
             }
             _ => {}
         }
@@ -1332,6 +1341,25 @@ impl Filesystem {
             size: remote.size,
             attrs: stored,
         })
+    }
+
+    /// Waits until the pending changes of `key` are in the store (at most a minute).
+    async fn wait_until_stored(&self, key: &str) -> FsResult<()> {
+        let name = key.to_string();
+        self.log(move |j| j.hurry(&name)).await?;
+        self.wake.notify_one();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.journal().latest(key).is_some() {
+            if Instant::now() > deadline {
+                return Err(FsError::Store(crate::store::StoreError::new(
+                    ErrorKind::Unavailable,
+                    format!("{key}: its earlier rename has not reached the store after a minute"),
+                )));
+            }
+            let notified = self.progress.notified();
+            let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
+        }
+        Ok(())
     }
 
     /// Copies every object under `from/` to `to/`, then deletes the originals. Not atomic: a
@@ -1859,8 +1887,20 @@ impl Filesystem {
     }
 
     /// Fetches every byte below `size` the store still holds, so the cache file is the whole file.
+    /// If the store's version is no longer the one cached (replaced since: by another host, or
+    /// by this one before a crash), the clean bytes give way to it.
     async fn materialize(&self, key: &str, content: &mut Content, size: u64) -> FsResult<()> {
-        self.fetch(key, content, 0..size, 0).await
+        match self.fetch(key, content, 0..size, 0).await {
+            Err(FsError::Store(err)) if err.kind() == ErrorKind::PreconditionFailed => {
+                let info = self.store.head(&self.fetch_key(key)).await?;
+                tracing::info!("{key} changed in the store; taking its current version");
+                content.present = RangeSet::default();
+                content.etag = Some(info.etag);
+                content.remote_limit = info.size;
+                self.fetch(key, content, 0..size, 0).await
+            }
+            other => other,
+        }
     }
 
     /// Marks the contents changed locally: the index stops describing them. A large stored

@@ -914,17 +914,37 @@ impl Filesystem {
             }
         }
         self.refresh_dirty_bytes().await;
-        let mut keep = self.referenced_cache_files();
-        keep.extend(
-            self.files
-                .lock()
-                .await
-                .iter()
-                .filter(|(_, w)| w.strong_count() > 0)
-                .map(|(name, _)| name.clone()),
-        );
+        self.evict().await
+    }
+
+    /// Removes clean cached files, least recently used first, until the cache is under its
+    /// size. Files open here or named by a pending change stay. The check and the removal happen
+    /// under the open-files lock, so no file is opened, written or recorded in the change log
+    /// between them (a file removed while a writer reopened it would lose that write).
+    async fn evict(&self) -> FsResult<()> {
         let (cache, limit) = (self.cache.clone(), self.config.cache_size);
-        blocking(move || cache.evict(limit, &keep)).await
+        let (mut excess, candidates) = blocking(move || cache.eviction_candidates(limit)).await?;
+        if excess == 0 {
+            return Ok(());
+        }
+        let registry = self.files.lock().await;
+        let referenced = self.referenced_cache_files();
+        let mut victims = Vec::new();
+        for (key, file, bytes) in candidates {
+            if excess == 0 {
+                break;
+            }
+            let in_use = registry.get(&file).is_some_and(|w| w.strong_count() > 0);
+            if in_use || referenced.contains(&file) {
+                continue;
+            }
+            victims.push(key);
+            excess = excess.saturating_sub(bytes);
+        }
+        let cache = self.cache.clone();
+        let removed = blocking(move || victims.iter().try_for_each(|key| cache.remove(key))).await;
+        drop(registry);
+        removed
     }
 }
 
