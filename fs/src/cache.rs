@@ -113,6 +113,15 @@ pub struct Cached {
     pub present: RangeSet,
 }
 
+/// A cached object that eviction may remove.
+#[derive(Debug, Clone)]
+pub struct Evictable {
+    pub key: String,
+    pub file: String,
+    /// The disk its cache file takes.
+    pub bytes: u64,
+}
+
 /// A changed file that holds only some of its bytes: those it did not change, below
 /// `base_end`, are the store's version `etag` of its key, which an upload copies inside the
 /// store instead of uploading them again.
@@ -248,10 +257,9 @@ impl Cache {
     }
 
     /// What to evict to bring the cache under `limit` (to nine tenths of it): the bytes to free
-    /// (0 when under the limit) and every cached object as (key, file, bytes), least recently
-    /// used first. The caller skips the files in use and removes the rest with [`Self::remove`]
-    /// until enough is freed.
-    pub fn eviction_candidates(&self, limit: u64) -> FsResult<(u64, Vec<(String, String, u64)>)> {
+    /// (0 when under the limit) and every cached object, least recently used first. The caller
+    /// skips the files in use and removes the rest with [`Self::remove`] until enough is freed.
+    pub fn eviction_candidates(&self, limit: u64) -> FsResult<(u64, Vec<Evictable>)> {
         let used: u64 = self.all_files()?.iter().map(|f| self.file_bytes(f)).sum();
         if used <= limit {
             return Ok((0, Vec::new()));
@@ -264,7 +272,7 @@ impl Cache {
             .into_iter()
             .map(|(key, file)| {
                 let bytes = self.file_bytes(&file);
-                (key, file, bytes)
+                Evictable { key, file, bytes }
             })
             .collect();
         Ok((used - limit / 10 * 9, candidates))

@@ -930,16 +930,17 @@ impl Filesystem {
         let registry = self.files.lock().await;
         let referenced = self.referenced_cache_files();
         let mut victims = Vec::new();
-        for (key, file, bytes) in candidates {
+        for candidate in candidates {
             if excess == 0 {
                 break;
             }
-            let in_use = registry.get(&file).is_some_and(|w| w.strong_count() > 0);
-            if in_use || referenced.contains(&file) {
+            let file = &candidate.file;
+            let in_use = registry.get(file).is_some_and(|w| w.strong_count() > 0);
+            if in_use || referenced.contains(file) {
                 continue;
             }
-            victims.push(key);
-            excess = excess.saturating_sub(bytes);
+            excess = excess.saturating_sub(candidate.bytes);
+            victims.push(candidate.key);
         }
         let cache = self.cache.clone();
         let removed = blocking(move || victims.iter().try_for_each(|key| cache.remove(key))).await;
