@@ -328,3 +328,68 @@ fn a_small_change_to_a_large_file_moves_little_data() {
         "{moved} bytes went over the wire ({before:?} -> {after:?})"
     );
 }
+
+#[test]
+fn a_file_renamed_twice_while_the_store_is_away_arrives_under_its_last_name() {
+    let server = S3Server::shared();
+    let relay = Relay::start(server.port());
+    let spec = server.spec(&S3Server::unique_prefix("twice")).replace(
+        &server.endpoint,
+        &format!("http://127.0.0.1:{}", relay.port),
+    );
+    let volume = Volume::mount(&spec, &["--writeback-delay", "0"]);
+    fs::write(volume.path("draft.txt"), b"the only copy of this text").unwrap();
+    volume.flush();
+    assert_eq!(fs::read_dir(volume.mountpoint.clone()).unwrap().count(), 1);
+
+    // The first rename's copy cannot reach the store before the second rename.
+    relay.stop();
+    fs::rename(volume.path("draft.txt"), volume.path("review.txt")).unwrap();
+    fs::rename(volume.path("review.txt"), volume.path("final.txt")).unwrap();
+    relay.resume();
+    volume.flush();
+    let store = volume.direct();
+    assert_eq!(
+        store.get(&volume.key("final.txt")).map(|(_, body)| body),
+        Some(b"the only copy of this text".to_vec())
+    );
+    assert!(store.get(&volume.key("draft.txt")).is_none());
+    assert!(store.get(&volume.key("review.txt")).is_none());
+}
+
+#[test]
+fn appending_to_a_file_replaced_in_the_store_takes_the_new_version() {
+    let mut volume = Volume::new(&["--writeback-delay", "0", "--metadata-ttl", "3600"]);
+    const MIB: usize = 1 << 20;
+    fs::write(volume.path("log"), vec![b'a'; 8 * MIB]).unwrap();
+    volume.flush();
+    volume.remount_cold(&["--writeback-delay", "0", "--metadata-ttl", "3600"]);
+    // Cached in part only (the first blocks), then replaced behind the mount's back.
+    let mut head = [0u8; 10];
+    File::open(volume.path("log"))
+        .unwrap()
+        .read_exact_at(&mut head, 0)
+        .unwrap();
+    let store = volume.direct();
+    let (metadata, _) = store.get(&volume.key("log")).unwrap();
+    store.put(&volume.key("log"), &vec![b'b'; 6 * MIB], metadata);
+
+    let mut file = OpenOptions::new()
+        .append(true)
+        .open(volume.path("log"))
+        .unwrap();
+    file.write_all(b"tail").unwrap();
+    drop(file);
+    volume.flush();
+    let stored = store.get(&volume.key("log")).unwrap().1;
+    assert_eq!(
+        stored.len(),
+        8 * MIB + 4,
+        "the size this mount knew, plus the tail"
+    );
+    assert!(
+        stored[..6 * MIB].iter().all(|b| *b == b'b'),
+        "the store's new version"
+    );
+    assert_eq!(&stored[8 * MIB..], b"tail");
+}
