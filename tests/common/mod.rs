@@ -37,6 +37,9 @@ pub struct Volume {
     pub spec: String,
     pub mountpoint: PathBuf,
     pub cache_dir: PathBuf,
+    /// What the running mount process printed (a file, not a pipe: a pipe nobody reads fills
+    /// up, and a mount that logs more than it holds blocks on it).
+    log: PathBuf,
     _dir: tempfile::TempDir,
     child: Option<Child>,
 }
@@ -63,6 +66,7 @@ impl Volume {
             spec: spec.to_string(),
             mountpoint,
             cache_dir,
+            log: dir.path().join("mount.log"),
             _dir: dir,
             child: None,
         };
@@ -81,15 +85,14 @@ impl Volume {
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .stderr(std::fs::File::create(&self.log).expect("the mount's log file"));
         let mut child = command.spawn().expect("start cairn mount");
         let deadline = Instant::now() + Duration::from_secs(20);
         while !is_mounted(&self.mountpoint) {
             if let Ok(Some(status)) = child.try_wait() {
-                let output = child.wait_with_output().unwrap();
                 panic!(
                     "cairn mount exited with {status} before mounting: {}",
-                    String::from_utf8_lossy(&output.stderr)
+                    self.printed()
                 );
             }
             assert!(
@@ -153,7 +156,7 @@ impl Volume {
         // SAFETY: sending a signal to our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let output = wait_with_timeout(child, Duration::from_secs(60));
-        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        let stderr = self.printed();
         assert!(
             output.status.success(),
             "cairn mount failed to stop cleanly: {stderr}"
@@ -192,7 +195,14 @@ impl Volume {
     /// Waits for the process to end by itself (after an outside unmount).
     pub fn wait_exit(&mut self) -> std::process::Output {
         let child = self.child.take().expect("a running mount");
-        wait_with_timeout(child, Duration::from_secs(60))
+        let mut output = wait_with_timeout(child, Duration::from_secs(60));
+        output.stderr = self.printed().into_bytes();
+        output
+    }
+
+    /// What the mount process (the last one started) printed so far.
+    pub fn printed(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
