@@ -1,6 +1,8 @@
 //! The bounded cache through a real mount: clean data is evicted least recently used first,
 //! changed data is never evicted (writers wait for uploads instead), and a full cache disk gives
-//! a clear ENOSPC that loses nothing and goes away once space frees.
+//! a clear ENOSPC that loses nothing and goes away once space frees. A cache disk smaller than
+//! the data makes clean data give way whatever the cache size, and a disk filled by something
+//! else still reads from the store.
 
 mod common;
 
@@ -9,8 +11,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use cairn_testkit::faults::{FaultPlan, FaultProxy};
 use cairn_testkit::{Relay, S3Server};
-use common::{Volume, errno};
+use common::{Direct, Volume, errno};
 
 /// Bytes the cache's files take on disk.
 fn cache_bytes(cache_dir: &Path) -> u64 {
@@ -180,5 +183,93 @@ fn a_full_cache_disk_gives_enospc_loses_nothing_and_recovers() {
             "deleted f{i} never reached the store"
         );
     }
+    volume.stop();
+}
+
+/// A volume of `files` 2 MiB files already in the store, mounted through a fault proxy with its
+/// cache on a 24 MiB disk; and the store reached directly.
+fn tight_flaky_volume(label: &str, files: u8) -> (Volume, FaultProxy, Direct, SmallDisk) {
+    let disk = SmallDisk::new("24m");
+    let server = S3Server::shared();
+    let spec = server.spec(&S3Server::unique_prefix(label));
+    let direct = Direct::new(&server.spec(""));
+    let proxy = FaultProxy::start(server.port(), 11);
+    let spec = format!("{}&timeout=2", proxy.spec(server, &spec));
+    let cache = disk.path.join("cache");
+    let volume = Volume::mount_with_cache(&spec, Some(&cache), &["--writeback-delay", "0"]);
+    for i in 0..files {
+        let key = volume.key(&format!("old{i}"));
+        direct.put(&key, &body(i, 2 << 20), Default::default());
+    }
+    (volume, proxy, direct, disk)
+}
+
+#[test]
+fn a_cache_disk_smaller_than_the_data_on_a_flaky_store_loses_nothing() {
+    let (mut volume, proxy, direct, _disk) = tight_flaky_volume("tight", 8);
+    proxy.set(FaultPlan::all_at(0.05, Duration::from_millis(200)));
+    // 16 MiB of clean data read through the mount, then 40 MiB written: the disk holds 24 MiB
+    // and the cache size (10 GiB by default) is never reached, so clean data must give way and
+    // writers wait for uploads.
+    for i in 0..8u8 {
+        let path = volume.path(&format!("old{i}"));
+        assert_eq!(fs::read(path).unwrap(), body(i, 2 << 20), "old{i}");
+    }
+    for i in 0..20u8 {
+        let path = volume.path(&format!("new{i}"));
+        fs::write(path, body(100 + i, 2 << 20)).unwrap_or_else(|e| panic!("new{i}: {e}"));
+    }
+    for i in 0..8u8 {
+        let path = volume.path(&format!("old{i}"));
+        assert_eq!(fs::read(path).unwrap(), body(i, 2 << 20), "old{i} again");
+    }
+    for i in 0..20u8 {
+        let path = volume.path(&format!("new{i}"));
+        assert_eq!(fs::read(path).unwrap(), body(100 + i, 2 << 20), "new{i}");
+    }
+    volume.flush();
+    let struck = proxy.counts();
+    assert!(struck.faults() > 10, "the store misbehaved: {struck:?}");
+    for i in 0..20u8 {
+        let key = volume.key(&format!("new{i}"));
+        assert_eq!(
+            direct.get(&key).unwrap().1,
+            body(100 + i, 2 << 20),
+            "new{i}"
+        );
+    }
+    volume.stop();
+}
+
+#[test]
+fn a_cache_disk_filled_by_something_else_still_reads_from_the_store() {
+    let (mut volume, _proxy, _direct, disk) = tight_flaky_volume("crowded", 4);
+    fs::write(volume.path("mine"), b"written before the disk filled").unwrap();
+    volume.flush();
+    // Another program fills the disk the cache lives on.
+    let filler = disk.path.join("filler");
+    let mut filling = fs::File::create(&filler).unwrap();
+    let chunk = vec![7u8; 1 << 20];
+    while std::io::Write::write_all(&mut filling, &chunk).is_ok() {}
+    drop(filling);
+
+    for i in 0..4u8 {
+        let path = volume.path(&format!("old{i}"));
+        assert_eq!(fs::read(path).unwrap(), body(i, 2 << 20), "old{i}");
+    }
+    assert_eq!(
+        errno(fs::write(volume.path("new"), body(1, 1 << 20))),
+        libc::ENOSPC,
+        "a clear error while the disk is full"
+    );
+    assert_eq!(
+        fs::read(volume.path("mine")).unwrap(),
+        b"written before the disk filled"
+    );
+
+    fs::remove_file(&filler).unwrap();
+    fs::write(volume.path("new"), body(1, 1 << 20)).unwrap();
+    volume.flush();
+    assert_eq!(fs::read(volume.path("new")).unwrap(), body(1, 1 << 20));
     volume.stop();
 }

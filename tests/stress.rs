@@ -54,6 +54,10 @@ struct Control {
     paused: AtomicUsize,
     operations: AtomicU64,
     bytes_written: AtomicU64,
+    /// Operations refused with EIO while the store was away, and retried.
+    refused: AtomicU64,
+    store_away: AtomicBool,
+    store_back_at: Mutex<Option<Instant>>,
 }
 
 impl Control {
@@ -80,6 +84,41 @@ impl Control {
 
     fn release(&self) {
         self.pause.store(false, Ordering::SeqCst);
+    }
+
+    fn set_store_away(&self, away: bool) {
+        self.store_away.store(away, Ordering::SeqCst);
+        if !away {
+            *self.store_back_at.lock().unwrap() = Some(Instant::now());
+        }
+    }
+
+    /// Whether the store is away, or came back so recently that requests made while it was
+    /// away may still be failing (the SDK's retries back off up to 10 s).
+    fn store_unsettled(&self) -> bool {
+        self.store_away.load(Ordering::SeqCst)
+            || self
+                .store_back_at
+                .lock()
+                .unwrap()
+                .is_some_and(|at| at.elapsed() < Duration::from_secs(20))
+    }
+
+    /// Runs `operation` until it succeeds, again after an EIO while the store is unsettled: an
+    /// operation that needs bytes only the store holds (a read or an append of a file evicted
+    /// from the cache) fails cleanly then, changing nothing (docs/SEMANTICS.md). Any other
+    /// failure, or an EIO once the store is settled, fails the test.
+    fn patiently<T>(&self, what: &str, mut operation: impl FnMut() -> std::io::Result<T>) -> T {
+        loop {
+            match operation() {
+                Ok(value) => return value,
+                Err(err) if err.raw_os_error() == Some(libc::EIO) && self.store_unsettled() => {
+                    self.refused.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(err) => panic!("{what}: {err}"),
+            }
+        }
     }
 }
 
@@ -115,16 +154,18 @@ fn writer(root: PathBuf, id: usize, control: Arc<Control>) -> BTreeMap<String, V
             35..=49 => {
                 let len = random.below(64 << 10) as usize;
                 let extra = random.bytes(len);
-                let mut file = fs::OpenOptions::new()
-                    .append(true)
-                    .create(true)
-                    .open(&path)
-                    .unwrap();
-                file.write_all(&extra).unwrap();
-                if random.below(4) == 0 {
-                    file.sync_all().unwrap();
-                }
-                drop(file);
+                let sync = random.below(4) == 0;
+                control.patiently(&format!("appending to {target}"), || {
+                    let mut file = fs::OpenOptions::new()
+                        .append(true)
+                        .create(true)
+                        .open(&path)?;
+                    file.write_all(&extra)?;
+                    if sync {
+                        file.sync_all()?;
+                    }
+                    Ok(())
+                });
                 model.entry(target).or_default().extend_from_slice(&extra);
             }
             50..=59 => {
@@ -141,7 +182,7 @@ fn writer(root: PathBuf, id: usize, control: Arc<Control>) -> BTreeMap<String, V
             }
             _ => match model.get(&target) {
                 Some(bytes) => {
-                    let read = fs::read(&path).unwrap_or_else(|e| panic!("reading {target}: {e}"));
+                    let read = control.patiently(&format!("reading {target}"), || fs::read(&path));
                     assert!(read == *bytes, "{target} reads back wrong");
                 }
                 None => assert!(!path.exists(), "{target} was removed"),
@@ -208,8 +249,14 @@ fn eight_writers_through_outages_and_a_crash() {
             let (_, event) = events.pop().unwrap();
             log.push(format!("{:>5.0?} {event}", started.elapsed()));
             match event {
-                "store away" => relay.stop(),
-                "store back" => relay.resume(),
+                "store away" => {
+                    control.set_store_away(true);
+                    relay.stop();
+                }
+                "store back" => {
+                    relay.resume();
+                    control.set_store_away(false);
+                }
                 _ => {
                     // Between operations (files closed), with changes still waiting to upload.
                     control.hold();
@@ -221,10 +268,17 @@ fn eight_writers_through_outages_and_a_crash() {
                 }
             }
         }
-        assert!(
-            writers.iter().all(|w| !w.is_finished()),
-            "a writer stopped early"
-        );
+        if writers.iter().any(|w| w.is_finished()) {
+            let printed = volume.lock().unwrap().printed();
+            let tail: Vec<&str> = printed.lines().rev().take(80).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "a writer stopped early, at {:.0?}; events:\n{}\nthe mount's last lines:\n{}",
+                started.elapsed(),
+                log.join("\n"),
+                tail.join("\n")
+            );
+        }
     }
     control.stop.store(true, Ordering::SeqCst);
     let mut model = BTreeMap::new();
@@ -269,9 +323,11 @@ fn eight_writers_through_outages_and_a_crash() {
         .map(|(_, k)| *k)
         .max();
     eprintln!(
-        "stress: {seconds} s, {WRITERS} writers, {} operations, {} MiB written, {} files at the \
-         end; mount RSS peak {} MiB (first half {} MiB, second half {} MiB)\n{}",
+        "stress: {seconds} s, {WRITERS} writers, {} operations ({} refused while the store was \
+         away, then retried), {} MiB written, {} files at the end; mount RSS peak {} MiB (first \
+         half {} MiB, second half {} MiB)\n{}",
         control.operations.load(Ordering::Relaxed),
+        control.refused.load(Ordering::Relaxed),
         control.bytes_written.load(Ordering::Relaxed) >> 20,
         model.len(),
         peak >> 10,

@@ -223,12 +223,16 @@ impl Cache {
     }
 
     /// Marks a cache file as just used (eviction takes the least recently used first).
-    pub fn touch(&self, file: &str) -> FsResult<()> {
-        self.index().execute(
+    /// Marks `file` as just used, for eviction's order. Best effort: on a full disk the index
+    /// may refuse the update, and the file only looks older than it is.
+    pub fn touch(&self, file: &str) {
+        let touched = self.index().execute(
             "UPDATE objects SET used = ?2 WHERE file = ?1",
             params![file, now_seconds()],
-        )?;
-        Ok(())
+        );
+        if let Err(err) = touched {
+            tracing::debug!("could not mark cache file {file} as used: {err}");
+        }
     }
 
     /// Cache files the index names.
@@ -292,6 +296,11 @@ impl Cache {
             .mode(0o600)
             .open(self.path_of(&name))?;
         Ok((name, file))
+    }
+
+    /// Whether cache file `name` is on disk (the index may outlive it after a full disk).
+    pub fn has_file(&self, name: &str) -> bool {
+        self.path_of(name).exists()
     }
 
     pub fn open_file(&self, name: &str) -> FsResult<File> {
@@ -408,8 +417,9 @@ impl Cache {
     /// Drops the index entry of `key` and deletes its cache file.
     pub fn remove(&self, key: &str) -> FsResult<()> {
         if let Some(cached) = self.lookup(key)? {
-            self.forget(key)?;
+            // The file first: on a full disk, its room is what lets the index record the rest.
             let _ = fs::remove_file(self.path_of(&cached.file));
+            self.forget(key)?;
         }
         Ok(())
     }

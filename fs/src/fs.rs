@@ -240,6 +240,8 @@ const STORE_DOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// How long a lookup or listing waits for the store before answering from what the mount knows.
 const METADATA_BUDGET: Duration = Duration::from_secs(10);
+/// How long a write on a full cache disk waits for uploads to free room before ENOSPC.
+const ROOM_WAIT: Duration = Duration::from_secs(30);
 
 fn check_name(name: &OsStr) -> FsResult<String> {
     if name.len() > NAME_MAX {
@@ -604,13 +606,17 @@ impl Filesystem {
         name: &str,
         listed_as: Option<Kind>,
     ) -> FsResult<Option<u64>> {
-        let key = {
+        let (key, known_object) = {
             let ns = self.ns();
             let key = Self::child_key(&ns, parent, name)?;
+            let mut known_object = None;
             if let Some(ino) = ns.child(parent, name) {
-                if self.trusted(ns.get(ino).expect("live child")) {
+                let inode = ns.get(ino).expect("live child");
+                if self.trusted(inode) {
                     return Ok(Some(ino));
                 }
+                known_object =
+                    (inode.kind() != Kind::Dir && inode.remote.is_some()).then(|| inode.kind());
             } else if ns.known_absent(parent, name, self.config.metadata_ttl)
                 || ns
                     .get(parent)
@@ -619,7 +625,7 @@ impl Filesystem {
             {
                 return Ok(None);
             }
-            key
+            (key, known_object)
         };
         loop {
             let latest = self
@@ -682,7 +688,17 @@ impl Filesystem {
             let probed = if self.store_seems_down() {
                 Err(FsError::Store(store_down()))
             } else {
-                let probed = tokio::time::timeout(METADATA_BUDGET, self.probe(&key, listed_as))
+                let probing = async {
+                    // An object the mount knows is looked at again with one HEAD; only if it
+                    // is gone does the name take the full probe.
+                    match self.probe(&key, listed_as.or(known_object)).await {
+                        Ok(None) if listed_as.is_none() && known_object.is_some() => {
+                            self.probe(&key, None).await
+                        }
+                        other => other,
+                    }
+                };
+                let probed = tokio::time::timeout(METADATA_BUDGET, probing)
                     .await
                     .unwrap_or_else(|_| Err(FsError::Store(store_down())));
                 self.note_store_reached(!matches!(&probed, Err(err) if timed_out(err)));
@@ -1000,13 +1016,18 @@ impl Filesystem {
         }
         self.record(&key, Change::Delete, in_store, false).await?;
         self.ns().detach(ino);
-        let referenced = self.referenced_cache_files();
         let cache = self.cache.clone();
+        let lookup_key = key.clone();
+        let cached = blocking(move || cache.lookup(&lookup_key)).await?;
         let keep = data
             .as_ref()
-            .is_some_and(|d| d.opens.load(Ordering::Acquire) > 0);
-        blocking(move || match cache.lookup(&key)? {
-            Some(cached) if !keep && !referenced.contains(&cached.file) => cache.remove(&key),
+            .is_some_and(|d| d.opens.load(Ordering::Acquire) > 0)
+            || cached
+                .as_ref()
+                .is_some_and(|c| self.uploads_cache_file(&c.file));
+        let cache = self.cache.clone();
+        blocking(move || match cached {
+            Some(_) if !keep => cache.remove(&key),
             _ => cache.forget(&key),
         })
         .await?;
@@ -1567,21 +1588,23 @@ impl Filesystem {
                 (content, length)
             }
             (None, Some(remote)) => {
-                let referenced = self.referenced_cache_files();
+                let journal = Arc::clone(&self.journal);
                 let cache = self.cache.clone();
                 let etag = remote.etag.clone();
                 let (cache_name, file, present) = blocking(move || match cache.lookup(&key)? {
-                    Some(cached) if cached.etag == etag => {
+                    Some(cached) if cached.etag == etag && cache.has_file(&cached.file) => {
                         let file = cache.open_file(&cached.file)?;
                         let mut present = cached.present;
                         present.truncate(size);
-                        cache.touch(&cached.file)?;
+                        cache.touch(&cached.file);
                         Ok((cached.file, file, present))
                     }
                     stale => {
                         if let Some(stale) = stale {
-                            cache.forget(&key)?;
-                            if !referenced.contains(&stale.file) {
+                            // Best effort on a full disk: a row whose file is gone is stale too.
+                            let _ = cache.forget(&key);
+                            let journal = journal.lock().unwrap_or_else(|p| p.into_inner());
+                            if !journal.uploads_cache_file(&stale.file) {
                                 cache.discard_file(&stale.file);
                             }
                         }
@@ -1800,6 +1823,11 @@ impl Filesystem {
                     .map(move |s| s..(s + chunk).min(gap.end))
             })
             .collect();
+        let wanted: u64 = pieces.iter().map(|p| p.end - p.start).sum();
+        let cache = self.cache.clone();
+        if !blocking(move || Ok(cache.room_for(wanted))).await? {
+            return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::ENOSPC)));
+        }
         let etag = content.etag.clone();
         let file = Arc::clone(&content.file);
         let source = self.fetch_key(key);
@@ -1836,7 +1864,13 @@ impl Filesystem {
                 etag.clone(),
                 content.present.clone(),
             );
-            blocking(move || cache.record(&key, &name, &etag, &present)).await?;
+            if let Err(err) = blocking(move || cache.record(&key, &name, &etag, &present)).await {
+                // The bytes are cached all the same; the index forgets them (a full disk).
+                tracing::warn!(
+                    "could not record what is cached of {}: {err}",
+                    content.cache_name
+                );
+            }
         }
         Ok(())
     }
@@ -1960,19 +1994,52 @@ impl Filesystem {
         self.metrics
             .cache_read(offset >= stored_end || content.present.contains(offset..stored_end));
         if let Err(err) = self.fetch(&key, &mut content, offset..end, window).await {
-            if !matches!(&err, FsError::Store(e) if e.kind() == ErrorKind::PreconditionFailed) {
+            drop(content);
+            if err.errno() == libc::ENOSPC {
+                // The cache disk is full: make room, or read around the cache.
+                self.make_room(end - offset + window, Duration::ZERO)
+                    .await?;
+                content = data.content.lock().await;
+                match self.fetch(&key, &mut content, offset..end, 0).await {
+                    Err(err) if err.errno() == libc::ENOSPC => {
+                        let uncached = self.read_uncached(&key, &content, offset..end).await;
+                        return uncached.unwrap_or(Err(err));
+                    }
+                    other => other?,
+                }
+            } else if matches!(&err, FsError::Store(e) if e.kind() == ErrorKind::PreconditionFailed)
+            {
+                // The object changed in the store while this file was open: start over from it.
+                self.refresh(ino, &data).await?;
+                content = data.content.lock().await;
+                self.fetch(&key, &mut content, offset..end, window).await?;
+            } else {
                 return Err(err);
             }
-            // The object changed in the store while this file was open: start over from it.
-            drop(content);
-            self.refresh(ino, &data).await?;
-            content = data.content.lock().await;
-            self.fetch(&key, &mut content, offset..end, window).await?;
         }
         let file = Arc::clone(&content.file);
         drop(content);
         let bytes = blocking(move || read_at(&file, offset..end)).await?;
         Ok(Bytes::from(bytes))
+    }
+
+    /// `range` of a clean file read from the store without caching it (the cache disk is full
+    /// of changes not yet uploaded); `None` when the file has changes of its own.
+    async fn read_uncached(
+        &self,
+        key: &str,
+        content: &Content,
+        range: Range<u64>,
+    ) -> Option<FsResult<Bytes>> {
+        if content.dirty || range.end > content.remote_limit {
+            return None;
+        }
+        let options = GetOptions {
+            range: Some(range),
+            if_match: content.etag.clone(),
+        };
+        let got = self.store.get(&self.fetch_key(key), options).await;
+        Some(got.map(|got| got.body).map_err(FsError::from))
     }
 
     /// Drops cached contents of a clean file and takes the store's current version.
@@ -2003,8 +2070,11 @@ impl Filesystem {
         self.wait_for_room().await;
         let data = self.file_data(ino).await?;
         let (cache, wanted) = (self.cache.clone(), bytes.len() as u64);
-        if !blocking(move || Ok(cache.room_for(wanted))).await? {
-            // Full, but for the margin the change log needs to record deletes that free space.
+        if !blocking(move || Ok(cache.room_for(wanted))).await?
+            && !self.make_room(wanted, ROOM_WAIT).await?
+        {
+            // Full of changes the store has not taken, but for the margin the change log needs
+            // to record deletes that free space.
             return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::ENOSPC)));
         }
         let mut content = data.content.lock().await;
@@ -2173,10 +2243,15 @@ impl Filesystem {
     /// Deletes a file's cache file once nothing needs it (unlinked, not open, not pending).
     async fn drop_cache_file_if_unused(&self, data: &Arc<FileData>) {
         let name = data.content.lock().await.cache_name.clone();
-        if !self.referenced_cache_files().contains(&name) {
+        if !self.uploads_cache_file(&name) {
             self.cache.discard_file(&name);
             self.files.lock().await.remove(&name);
         }
+    }
+
+    /// Whether a pending change will upload cache file `name`.
+    fn uploads_cache_file(&self, name: &str) -> bool {
+        self.journal().uploads_cache_file(name)
     }
 
     /// Cache files that pending changes will upload.

@@ -529,6 +529,12 @@ impl Journal {
         self.entries.values()
     }
 
+    /// Whether a pending change will upload cache file `name`.
+    pub fn uploads_cache_file(&self, name: &str) -> bool {
+        self.entries()
+            .any(|e| matches!(&e.change, Change::PutFile { cache_file, .. } if cache_file == name))
+    }
+
     /// Pending changes of the direct children of directory `prefix` ("" or "dir/").
     pub fn children<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a Entry> + 'a {
         self.by_key

@@ -19,7 +19,7 @@ use futures::{StreamExt, TryStreamExt, stream};
 
 use super::{FileData, Filesystem, blocking, read_at};
 use crate::attrs::{Attrs, Kind};
-use crate::cache::{Partial, RangeSet};
+use crate::cache::{Evictable, Partial, RangeSet};
 use crate::error::{FsError, FsResult};
 use crate::journal::{Change, Entry};
 use crate::namespace::Remote;
@@ -55,6 +55,9 @@ fn copy_spans(source: &Path, target: &Path, size: u64, spans: &RangeSet) -> std:
     }
     Ok(size)
 }
+
+/// Evicted beyond what a write or read needs, so the next ones find room.
+const ROOM_SLACK: u64 = 8 << 20;
 
 /// The largest part S3 takes (a copied part may be this large).
 const MAX_PART: u64 = 5 << 30;
@@ -405,7 +408,7 @@ impl Filesystem {
             .get(cache_file)
             .and_then(std::sync::Weak::upgrade)
             .is_some_and(|data| data.opens.load(Ordering::Acquire) > 0);
-        if !open && !self.referenced_cache_files().contains(cache_file) {
+        if !open && !self.uploads_cache_file(cache_file) {
             self.cache.discard_file(cache_file);
         }
     }
@@ -923,10 +926,47 @@ impl Filesystem {
     /// between them (a file removed while a writer reopened it would lose that write).
     async fn evict(&self) -> FsResult<()> {
         let (cache, limit) = (self.cache.clone(), self.config.cache_size);
-        let (mut excess, candidates) = blocking(move || cache.eviction_candidates(limit)).await?;
+        let (excess, candidates) = blocking(move || cache.eviction_candidates(limit)).await?;
         if excess == 0 {
             return Ok(());
         }
+        self.evict_among(excess, candidates).await
+    }
+
+    /// Makes room on the cache disk for `bytes` more file data: evicts clean cached files not
+    /// in use (whatever the cache size), then, while changes are uploading and the store
+    /// answers, waits for them to land and become evictable (at most `patience`). Whether
+    /// there is room in the end.
+    pub(super) async fn make_room(&self, bytes: u64, patience: Duration) -> FsResult<bool> {
+        let deadline = Instant::now() + patience;
+        loop {
+            let cache = self.cache.clone();
+            if blocking(move || Ok(cache.room_for(bytes))).await? {
+                return Ok(true);
+            }
+            let cache = self.cache.clone();
+            let (_, candidates) = blocking(move || cache.eviction_candidates(0)).await?;
+            self.evict_among(bytes + ROOM_SLACK, candidates).await?;
+            let cache = self.cache.clone();
+            if blocking(move || Ok(cache.room_for(bytes))).await? {
+                return Ok(true);
+            }
+            if self.journal().is_empty() || self.status().failing || Instant::now() >= deadline {
+                return Ok(false);
+            }
+            // What waits out its write-back delay is due now: its upload frees the room.
+            let _ = self.log(|j| j.hurry_all()).await;
+            let notified = self.progress.notified();
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+
+    /// Removes `candidates` not in use, in order, until `excess` bytes are freed. A file may
+    /// have been opened since the candidates were listed: whether it is in use is decided here.
+    async fn evict_among(&self, mut excess: u64, candidates: Vec<Evictable>) -> FsResult<()> {
         let registry = self.files.lock().await;
         let referenced = self.referenced_cache_files();
         let mut victims = Vec::new();
@@ -952,7 +992,11 @@ impl Filesystem {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::ETag;
+    use crate::cache::Cache;
+    use crate::fs::FsConfig;
+    use crate::namespace::ROOT;
+    use crate::store::memory::MemoryStore;
+    use crate::store::{ETag, StoreExt};
 
     const MIB: u64 = 1 << 20;
 
@@ -984,5 +1028,40 @@ mod tests {
                 (16 * MIB..20 * MIB, false)
             ]
         );
+    }
+
+    /// A file reopened and written after eviction listed it as clean must keep its cache file:
+    /// whether a file is in use is decided when it is removed, not when the candidates were
+    /// listed (the stress test once lost such a write).
+    #[tokio::test]
+    async fn eviction_spares_a_file_reopened_after_the_candidates_were_listed() {
+        let cache_dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(MemoryStore::new());
+        let config = FsConfig {
+            writeback_delay: Duration::ZERO,
+            ..FsConfig::default()
+        };
+        let cache = Cache::open(cache_dir.path()).unwrap();
+        let fs = Arc::new(Filesystem::new(store.clone(), cache, config).unwrap());
+        fs.start_uploader();
+        let flags = libc::O_WRONLY | libc::O_CREAT;
+        let (attr, opened) = fs
+            .create(ROOT, "a".as_ref(), 0o644, 0o022, flags, 0, 0)
+            .await
+            .unwrap();
+        fs.write(opened.fh, 0, b"first").await.unwrap();
+        fs.release(opened.fh).await.unwrap();
+        fs.drain(Some(Duration::from_secs(10))).await.unwrap();
+
+        let (excess, candidates) = fs.cache.eviction_candidates(0).unwrap();
+        assert!(candidates.iter().any(|c| c.key == "a"), "{candidates:?}");
+        let reopened = fs.open(attr.ino, libc::O_WRONLY).await.unwrap();
+        fs.write(reopened.fh, 0, b"again").await.unwrap();
+        fs.evict_among(excess, candidates).await.unwrap();
+        fs.release(reopened.fh).await.unwrap();
+        fs.drain(Some(Duration::from_secs(10))).await.unwrap();
+
+        let (_, stored) = store.get_all("a").await.unwrap();
+        assert_eq!(&stored[..], b"again");
     }
 }
