@@ -73,7 +73,7 @@ mount_tool() {
     case $tool in
         cairn)
             "$CAIRN" mount "s3://bench/cairn?endpoint=$ENDPOINT&secret_file=$WORK/cairn.secret" \
-                "$mnt" --cache-dir "$cache" --cache-size 64G >>"$WORK/cairn.log" 2>&1 &
+                "$mnt" --cache-dir "$cache" --cache-size 64G ${CAIRN_EXTRA:-} >>"$WORK/cairn.log" 2>&1 &
             ;;
         rclone)
             # rclone 1.60 fails to build its S3 client when AWS_CA_BUNDLE is set (plain HTTP here).
@@ -142,11 +142,12 @@ SOURCE=$(ls ~/.cargo/registry/cache/*/aws-sdk-s3-*.crate 2>/dev/null | head -1)
 untar() { mkdir -p "$1/src" && tar xzf "$SOURCE" -C "$1/src"; }
 list_tree() { ls -lR "$1/src" >/dev/null; }
 remove_tree() { rm -rf "$1/src"; }
-sqlite_inserts() {
-    sqlite3 "$1/bench.db" "PRAGMA synchronous=FULL; PRAGMA journal_mode=DELETE; CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v BLOB);"
+sqlite_inserts() { # DIR [DATABASE NAME]
+    local db="$1/${2:-bench.db}"
+    sqlite3 "$db" "PRAGMA synchronous=FULL; PRAGMA journal_mode=DELETE; CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v BLOB);"
     for _ in $(seq 20); do
         printf 'BEGIN; %s COMMIT;\n' "$(for _ in $(seq 10); do printf 'INSERT INTO t(v) VALUES (randomblob(512)); '; done)"
-    done | sqlite3 "$1/bench.db" -cmd "PRAGMA synchronous=FULL;"
+    done | sqlite3 "$db" -cmd "PRAGMA synchronous=FULL;"
 }
 fio_random() { # DIR BLOCKSIZE: MiB/s of random reads on the big file, for 10 seconds
     fio --name=rand --filename="$1/big" --rw=randread --bs="$2" --size="${MIB}M" --runtime=10 \
@@ -162,6 +163,7 @@ record() { # workload target value...
     local workload=$1 target=$2; shift 2
     [[ " ${WORKLOADS[*]} " == *" $workload "* ]] || WORKLOADS+=("$workload")
     RESULT["$workload|$target"]=$(printf '%s\n' "$@" | median)
+    say "$(date +%T) $target: $workload: ${RESULT["$workload|$target"]}"
 }
 
 declare -A PEAK=() LISTED=()
@@ -203,6 +205,9 @@ for target in "${TARGETS[@]}"; do
     record "ls -lR of it" "$target" "$(time_of list_tree "$dir")"
     record "rm -rf of it" "$target" "$(time_of remove_tree "$dir")"
     record "SQLite: 20 transactions, synchronous=FULL" "$target" "$(time_of sqlite_inserts "$dir")"
+    # The same with cairn's fsync returning once the local disk has the data, as the peers' do.
+    if [ "$target" = cairn ]; then unmount cairn; CAIRN_EXTRA="--fsync local" mount_tool cairn; fi
+    record "SQLite, the same, cairn with fsync=local" "$target" "$(time_of sqlite_inserts "$dir" local.db)"
     [ "$target" = local ] || unmount "$target"
 done
 say "the store alone (SDK, 8 MiB parts, 8 in flight)"
