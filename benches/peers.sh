@@ -6,6 +6,7 @@
 # Not a test: it asserts nothing. Writes benches/results/peers-DATE.md and a PNG chart.
 #
 #   sudo benches/peers.sh          # BENCH_MIB=1024 BENCH_ROUNDS=3 BENCH_FILES=10000
+#                                  # BENCH_TARGETS="local cairn rclone s3fs"
 #
 # The S3 server is s3rver (see benches/README.md for why), installed from npm under
 # $CAIRN_CACHE_DIR; fio and matplotlib are installed too.
@@ -109,7 +110,9 @@ peak_mib() {
 
 # stored_size KEY: the size the store reports for KEY (empty if it has none).
 stored_size() {
-    curl -sfI "$ENDPOINT/bench/$1" | awk 'tolower($1) == "content-length:" {print $2+0}'
+    # s3rver answers a HEAD of a missing key with a 404 that has a Content-Length of its own.
+    curl -sI "$ENDPOINT/bench/$1" \
+        | awk 'NR == 1 {found = ($2 == 200)} found && tolower($1) == "content-length:" {print $2+0}'
 }
 
 now() { date +%s.%N; }
@@ -157,7 +160,8 @@ fio_random() { # DIR BLOCKSIZE: MiB/s of random reads on the big file, for 10 se
 
 declare -A RESULT=()   # "workload|target" -> median seconds (or MiB/s for fio)
 WORKLOADS=()
-TARGETS=(local cairn rclone s3fs)
+# BENCH_TARGETS picks some of them (e.g. "local cairn" to measure a change to cairn alone).
+read -r -a TARGETS <<<"${BENCH_TARGETS:-local cairn rclone s3fs}"
 dir_of() { [ "$1" = local ] && echo "$WORK/local" || echo "$WORK/mnt-$1"; }
 record() { # workload target value...
     local workload=$1 target=$2; shift 2
@@ -172,6 +176,11 @@ for target in "${TARGETS[@]}"; do
     writes=(); drains=(); colds=(); warms=()
     for round in $(seq "$ROUNDS"); do
         dir=$(dir_of "$target"); rm -rf "$WORK/local"; mkdir -p "$WORK/local"
+        # Each round starts with no object: a leftover of the last round would look drained.
+        if [ "$target" != local ]; then
+            curl -s -X DELETE "$ENDPOINT/bench/$target/big" >/dev/null
+            [ -z "$(stored_size "$target/big")" ] || { echo "could not delete $target/big" >&2; exit 1; }
+        fi
         [ "$target" = local ] || mount_tool "$target"
         t0=$(now)
         writes+=("$(time_of write_big_noflush "$dir")")
@@ -229,7 +238,7 @@ out="benches/results/peers-$stamp.md"
     echo "|---|---|---|---|---|---|---|"
     for workload in "${WORKLOADS[@]}"; do
         row="| $workload |"
-        for target in "${TARGETS[@]}"; do row+=" ${RESULT["$workload|$target"]:--} |"; done
+        for target in local cairn rclone s3fs; do row+=" ${RESULT["$workload|$target"]:--} |"; done
         for peer in rclone s3fs; do
             row+=" $(python3 - "${RESULT["$workload|cairn"]:-}" "${RESULT["$workload|$peer"]:-}" "$workload" <<'EOF'
 import sys

@@ -240,6 +240,9 @@ const STORE_DOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// How long a lookup or listing waits for the store before answering from what the mount knows.
 const METADATA_BUDGET: Duration = Duration::from_secs(10);
+/// The most names a directory's last listing may have held for a miss there to list it again.
+const RELIST_LIMIT: usize = 10_000;
+
 /// How long a write on a full cache disk waits for uploads to free room before ENOSPC.
 const ROOM_WAIT: Duration = Duration::from_secs(30);
 
@@ -617,11 +620,12 @@ impl Filesystem {
                 }
                 known_object =
                     (inode.kind() != Kind::Dir && inode.remote.is_some()).then(|| inode.kind());
-            } else if ns.known_absent(parent, name, self.config.metadata_ttl)
+            } else if (ns.known_absent(parent, name, self.config.metadata_ttl)
                 || ns
                     .get(parent)
                     .and_then(|p| p.listed_at)
-                    .is_some_and(|at| at.elapsed() < self.config.metadata_ttl)
+                    .is_some_and(|at| at.elapsed() < self.config.metadata_ttl))
+                && self.journal().latest(&key).is_none()
             {
                 return Ok(None);
             }
@@ -685,13 +689,46 @@ impl Filesystem {
                 }
                 _ => {}
             }
+            let mut hint = listed_as.or(known_object);
+            if listed_as.is_none() && self.relists(parent) {
+                // A name in a directory the mount listed before, not too large: one listing
+                // answers for this name and every other there for the TTL (a new name is absent
+                // if not listed; a known one is confirmed if listed as it was), where asking per
+                // name would take three requests for a new name and one for a known one: an
+                // untar, a batch of new files, a `stat` of each file cost a listing per TTL.
+                let started = Instant::now();
+                if let Ok(names) = self.entries_of(parent).await {
+                    let mut ns = self.ns();
+                    if let Some(dir) = ns.get_mut(parent) {
+                        dir.listed_at = Some(started);
+                        dir.listed_names = names.len();
+                    }
+                    if moved_on() {
+                        continue;
+                    }
+                    let child = ns.child(parent, name);
+                    if let Some(ino) = child
+                        && ns.get(ino).is_some_and(|inode| self.trusted(inode))
+                    {
+                        return Ok(Some(ino));
+                    }
+                    match names.get(name) {
+                        None if child.is_none() => {
+                            ns.mark_absent(parent, name);
+                            return Ok(None);
+                        }
+                        None => {}
+                        Some(kind) => hint = Some(*kind),
+                    }
+                }
+            }
             let probed = if self.store_seems_down() {
                 Err(FsError::Store(store_down()))
             } else {
                 let probing = async {
                     // An object the mount knows is looked at again with one HEAD; only if it
                     // is gone does the name take the full probe.
-                    match self.probe(&key, listed_as.or(known_object)).await {
+                    match self.probe(&key, hint).await {
                         Ok(None) if listed_as.is_none() && known_object.is_some() => {
                             self.probe(&key, None).await
                         }
@@ -744,6 +781,14 @@ impl Filesystem {
                 }
             }
         }
+    }
+
+    /// Whether a miss in `dir` is answered by listing it again rather than by a probe: it was
+    /// listed in full before (or made here), and its last listing was small.
+    fn relists(&self, dir: u64) -> bool {
+        self.ns()
+            .get(dir)
+            .is_some_and(|d| d.listed && d.listed_names <= RELIST_LIMIT)
     }
 
     async fn existing(&self, parent: u64, name: &str) -> FsResult<u64> {
@@ -1015,7 +1060,12 @@ impl Filesystem {
             content.remote_limit = 0;
         }
         self.record(&key, Change::Delete, in_store, false).await?;
-        self.ns().detach(ino);
+        {
+            // Gone, as this mount knows: a new file of this name needs no probe within the TTL.
+            let mut ns = self.ns();
+            ns.detach(ino);
+            ns.mark_absent(parent, &name);
+        }
         let cache = self.cache.clone();
         let lookup_key = key.clone();
         let cached = blocking(move || cache.lookup(&lookup_key)).await?;
@@ -1184,7 +1234,9 @@ impl Filesystem {
         }
         self.record(&key, Change::DeleteDir, in_store, false)
             .await?;
-        self.ns().detach(ino);
+        let mut ns = self.ns();
+        ns.detach(ino);
+        ns.mark_absent(parent, &name);
         Ok(())
     }
 
@@ -1453,6 +1505,7 @@ impl Filesystem {
             }
             if let Some(inode) = ns.get_mut(ino) {
                 inode.listed = true;
+                inode.listed_names = entries.len();
             }
         }
         let own = self.attr(ino)?;
@@ -2065,6 +2118,11 @@ impl Filesystem {
     }
 
     pub async fn write(&self, fh: u64, offset: u64, bytes: &[u8]) -> FsResult<u32> {
+        self.write_owned(fh, offset, bytes.to_vec()).await
+    }
+
+    /// [`Self::write`] of bytes the caller hands over (FUSE's, copied once out of its buffer).
+    pub async fn write_owned(&self, fh: u64, offset: u64, bytes: Vec<u8>) -> FsResult<u32> {
         self.writable()?;
         let ino = self.handle_ino(fh)?;
         self.wait_for_room().await;
@@ -2080,12 +2138,8 @@ impl Filesystem {
         let mut content = data.content.lock().await;
         let size = data.size.load(Ordering::Acquire);
         self.make_dirty(ino, &mut content, size).await?;
-        let (file, owned, len) = (
-            Arc::clone(&content.file),
-            bytes.to_vec(),
-            bytes.len() as u64,
-        );
-        blocking(move || Ok(file.write_all_at(&owned, offset)?)).await?;
+        let (file, len) = (Arc::clone(&content.file), bytes.len() as u64);
+        blocking(move || Ok(file.write_all_at(&bytes, offset)?)).await?;
         let new_size = size.max(offset + len);
         match content.partial() {
             Some(_) if content.changed.contains(offset..offset + len) => {}

@@ -341,7 +341,7 @@ impl fuser::Filesystem for FuseAdapter {
     ) {
         let data = data.to_vec();
         self.spawn("write", move |fs| async move {
-            match fs.write(fh.0, offset, &data).await {
+            match fs.write_owned(fh.0, offset, data).await {
                 Ok(written) => reply.written(written),
                 Err(err) => reply.error(errno(&err)),
             }

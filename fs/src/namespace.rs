@@ -44,6 +44,8 @@ pub struct Inode {
     pub listed: bool,
     /// When it last did (or made the directory itself).
     pub listed_at: Option<Instant>,
+    /// How many names that listing held.
+    pub listed_names: usize,
 }
 
 impl Inode {
@@ -80,6 +82,7 @@ impl Namespace {
             file: None,
             listed: false,
             listed_at: None,
+            listed_names: 0,
         };
         Self {
             inodes: HashMap::from([(ROOT, root)]),
@@ -191,6 +194,7 @@ impl Namespace {
             file: None,
             listed: false,
             listed_at: None,
+            listed_names: 0,
         };
         if attrs.kind() == Kind::Dir {
             self.children.insert(ino, BTreeMap::new());
