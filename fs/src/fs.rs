@@ -190,8 +190,11 @@ enum Handle {
         next_offset: u64,
         window: u64,
     },
+    /// An open directory: listed at its first `readdir` (so an open for `fsync`, as SQLite
+    /// does at each commit, costs no listing).
     Dir {
-        entries: Arc<Vec<DirEntry>>,
+        ino: u64,
+        entries: Option<Arc<Vec<DirEntry>>>,
     },
 }
 
@@ -1469,6 +1472,18 @@ impl Filesystem {
 
     /// Lists a directory once, at open; reads of the handle page through that listing.
     pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
+        if self.attr(ino)?.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles()
+            .insert(fh, Handle::Dir { ino, entries: None });
+        Ok(fh)
+    }
+
+    /// The entries of directory `ino`, "." and ".." first: one listing of the store, each
+    /// entry's attributes fetched in parallel.
+    async fn list_dir(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
         let started = Instant::now();
         let names = self.entries_of(ino).await?;
         let mut entries: Vec<DirEntry> = stream::iter(names)
@@ -1525,24 +1540,26 @@ impl Filesystem {
             },
         ];
         all.extend(entries);
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles().insert(
-            fh,
-            Handle::Dir {
-                entries: Arc::new(all),
-            },
-        );
-        Ok(fh)
+        Ok(all)
     }
 
     /// Entries of an open directory from `offset` on (offsets count entries, "." and ".." first).
-    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Vec<DirEntry>> {
-        match self.handles().get(&fh) {
-            Some(Handle::Dir { entries }) => {
-                Ok(entries.iter().skip(offset as usize).cloned().collect())
+    pub async fn readdir(&self, fh: u64, offset: u64) -> FsResult<Vec<DirEntry>> {
+        let (ino, listed) = match self.handles().get(&fh) {
+            Some(Handle::Dir { ino, entries }) => (*ino, entries.clone()),
+            _ => return Err(FsError::BadHandle),
+        };
+        let entries = match listed {
+            Some(entries) => entries,
+            None => {
+                let entries = Arc::new(self.list_dir(ino).await?);
+                if let Some(Handle::Dir { entries: kept, .. }) = self.handles().get_mut(&fh) {
+                    *kept = Some(Arc::clone(&entries));
+                }
+                entries
             }
-            _ => Err(FsError::BadHandle),
-        }
+        };
+        Ok(entries.iter().skip(offset as usize).cloned().collect())
     }
 
     /// The kernel took an entry of a `readdirplus` reply as a lookup.

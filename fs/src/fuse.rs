@@ -406,23 +406,25 @@ impl fuser::Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.fs.readdir(fh.0, offset) {
-            Ok(entries) => {
-                for (i, entry) in entries.iter().enumerate() {
-                    let kind = file_attr(&entry.attr).kind;
-                    if reply.add(
-                        INodeNo(entry.attr.ino),
-                        offset + i as u64 + 1,
-                        kind,
-                        &entry.name,
-                    ) {
-                        break;
+        self.spawn("readdir", move |fs| async move {
+            match fs.readdir(fh.0, offset).await {
+                Ok(entries) => {
+                    for (i, entry) in entries.iter().enumerate() {
+                        let kind = file_attr(&entry.attr).kind;
+                        if reply.add(
+                            INodeNo(entry.attr.ino),
+                            offset + i as u64 + 1,
+                            kind,
+                            &entry.name,
+                        ) {
+                            break;
+                        }
                     }
+                    reply.ok();
                 }
-                reply.ok();
+                Err(err) => reply.error(errno(&err)),
             }
-            Err(err) => reply.error(errno(&err)),
-        }
+        });
     }
 
     fn readdirplus(
@@ -433,30 +435,32 @@ impl fuser::Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        match self.fs.readdir(fh.0, offset) {
-            Ok(entries) => {
-                let ttl = self.ttl();
-                for (i, entry) in entries.iter().enumerate() {
-                    let attr = file_attr(&entry.attr);
-                    let next = offset + i as u64 + 1;
-                    if reply.add(
-                        INodeNo(entry.attr.ino),
-                        next,
-                        &entry.name,
-                        &ttl,
-                        &attr,
-                        Generation(0),
-                    ) {
-                        break;
+        let ttl = self.ttl();
+        self.spawn("readdirplus", move |fs| async move {
+            match fs.readdir(fh.0, offset).await {
+                Ok(entries) => {
+                    for (i, entry) in entries.iter().enumerate() {
+                        let attr = file_attr(&entry.attr);
+                        let next = offset + i as u64 + 1;
+                        if reply.add(
+                            INodeNo(entry.attr.ino),
+                            next,
+                            &entry.name,
+                            &ttl,
+                            &attr,
+                            Generation(0),
+                        ) {
+                            break;
+                        }
+                        if entry.name != "." && entry.name != ".." {
+                            fs.took_entry(entry.attr.ino);
+                        }
                     }
-                    if entry.name != "." && entry.name != ".." {
-                        self.fs.took_entry(entry.attr.ino);
-                    }
+                    reply.ok();
                 }
-                reply.ok();
+                Err(err) => reply.error(errno(&err)),
             }
-            Err(err) => reply.error(errno(&err)),
-        }
+        });
     }
 
     fn releasedir(

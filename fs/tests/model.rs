@@ -445,7 +445,7 @@ impl Subject {
                 let path = if *p == 12 { "" } else { paths[*p].as_str() };
                 let ino = self.walk(path).await?;
                 let fh = self.fs.opendir(ino).await.map_err(errno)?;
-                let entries = self.fs.readdir(fh, 2).map_err(errno)?;
+                let entries = self.fs.readdir(fh, 2).await.map_err(errno)?;
                 self.fs.releasedir(fh);
                 let entries = entries
                     .into_iter()
