@@ -222,7 +222,6 @@ impl Cache {
             .join(uuid::Uuid::new_v4().simple().to_string())
     }
 
-    /// Marks a cache file as just used (eviction takes the least recently used first).
     /// Marks `file` as just used, for eviction's order. Best effort: on a full disk the index
     /// may refuse the update, and the file only looks older than it is.
     pub fn touch(&self, file: &str) {
