@@ -1470,7 +1470,7 @@ impl Filesystem {
 
     // ----- directories -----
 
-    /// Lists a directory once, at open; reads of the handle page through that listing.
+    /// Opens a directory: its first read lists it, and later reads page through that listing.
     pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
         if self.attr(ino)?.kind != Kind::Dir {
             return Err(FsError::NotDir);
@@ -1895,7 +1895,7 @@ impl Filesystem {
             .collect();
         let wanted: u64 = pieces.iter().map(|p| p.end - p.start).sum();
         let cache = self.cache.clone();
-        if !blocking(move || Ok(cache.room_for(wanted))).await? {
+        if wanted > 0 && !blocking(move || Ok(cache.room_for(wanted))).await? {
             return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::ENOSPC)));
         }
         let etag = content.etag.clone();
