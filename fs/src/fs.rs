@@ -1069,18 +1069,20 @@ impl Filesystem {
             ns.detach(ino);
             ns.mark_absent(parent, &name);
         }
-        let cache = self.cache.clone();
-        let lookup_key = key.clone();
-        let cached = blocking(move || cache.lookup(&lookup_key)).await?;
+        let (cache, journal) = (self.cache.clone(), Arc::clone(&self.journal));
         let keep = data
             .as_ref()
-            .is_some_and(|d| d.opens.load(Ordering::Acquire) > 0)
-            || cached
-                .as_ref()
-                .is_some_and(|c| self.uploads_cache_file(&c.file));
-        let cache = self.cache.clone();
-        blocking(move || match cached {
-            Some(_) if !keep => cache.remove(&key),
+            .is_some_and(|d| d.opens.load(Ordering::Acquire) > 0);
+        blocking(move || match cache.lookup(&key)? {
+            Some(cached)
+                if !keep
+                    && !journal
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .uploads_cache_file(&cached.file) =>
+            {
+                cache.remove(&key)
+            }
             _ => cache.forget(&key),
         })
         .await?;
