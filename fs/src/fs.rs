@@ -8,6 +8,7 @@
 //! local cache and to the change log ([`crate::journal`]) and return at local speed; the
 //! uploader ([`upload`]) applies the log to the store in order, in the background.
 
+mod readahead;
 mod upload;
 
 use std::collections::HashMap;
@@ -165,6 +166,8 @@ struct Content {
     kernel_cached: Option<crate::store::ETag>,
     /// Of a partial file (see [`Content::partial`]): the bytes written since its base version.
     changed: RangeSet,
+    /// Ranges being fetched in the background (read-ahead).
+    fetching: Vec<readahead::InFlight>,
 }
 
 impl Content {
@@ -1656,6 +1659,7 @@ impl Filesystem {
                     dirty_since: None,
                     kernel_cached: None,
                     changed,
+                    fetching: Vec::new(),
                 };
                 (content, length)
             }
@@ -1697,6 +1701,7 @@ impl Filesystem {
                     dirty_since: None,
                     kernel_cached: None,
                     changed: RangeSet::default(),
+                    fetching: Vec::new(),
                 };
                 (content, size)
             }
@@ -1738,6 +1743,7 @@ impl Filesystem {
                 dirty_since: None,
                 kernel_cached: None,
                 changed: RangeSet::default(),
+                fetching: Vec::new(),
             }),
             size: AtomicU64::new(0),
             opens: AtomicUsize::new(0),
@@ -1840,7 +1846,9 @@ impl Filesystem {
         }
     }
 
-    /// The read-ahead window for a read at `offset`, growing while reads are sequential.
+    /// The read-ahead window for a read at `offset`, growing while reads are sequential. The
+    /// kernel sends its own read-ahead as several reads at once, which may arrive out of order:
+    /// a read within a block of where the last ended still counts as sequential.
     fn readahead(&self, fh: u64, offset: u64, size: u64) -> u64 {
         let mut handles = self.handles();
         let Some(Handle::File {
@@ -1851,24 +1859,21 @@ impl Filesystem {
         else {
             return 0;
         };
-        *window = if offset == *next_offset && offset > 0 {
-            (*window * 2).min(self.config.max_readahead)
+        let block = self.config.block_size;
+        let sequential = offset > 0 && offset.abs_diff(*next_offset) <= block;
+        if sequential {
+            *window = (*window * 2).min(self.config.max_readahead);
+            *next_offset = (*next_offset).max(offset + size);
         } else {
-            self.config.block_size
-        };
-        *next_offset = offset + size;
+            *window = block;
+            *next_offset = offset + size;
+        }
         *window
     }
 
     /// Makes `want` (clipped to what the store holds) present in the cache file, fetching the
-    /// missing blocks, plus `window` bytes of read-ahead, with several requests in flight.
-    async fn fetch(
-        &self,
-        key: &str,
-        content: &mut Content,
-        want: Range<u64>,
-        window: u64,
-    ) -> FsResult<()> {
+    /// missing blocks with several requests in flight, while the caller holds the file's lock.
+    async fn fetch(&self, key: &str, content: &mut Content, want: Range<u64>) -> FsResult<()> {
         let limit = content.remote_limit;
         if want.start >= limit {
             return Ok(());
@@ -1879,11 +1884,7 @@ impl Filesystem {
         }
         let block = self.config.block_size;
         let start = want.start / block * block;
-        let end = want_end
-            .max(want.start + window)
-            .div_ceil(block)
-            .saturating_mul(block)
-            .min(limit);
+        let end = want_end.div_ceil(block).saturating_mul(block).min(limit);
         let chunk = block.max(self.config.part_size / 2);
         let pieces: Vec<Range<u64>> = content
             .present
@@ -1996,14 +1997,14 @@ impl Filesystem {
     /// If the store's version is no longer the one cached (replaced since: by another host, or
     /// by this one before a crash), the clean bytes give way to it.
     async fn materialize(&self, key: &str, content: &mut Content, size: u64) -> FsResult<()> {
-        match self.fetch(key, content, 0..size, 0).await {
+        match self.fetch(key, content, 0..size).await {
             Err(FsError::Store(err)) if err.kind() == ErrorKind::PreconditionFailed => {
                 let info = self.store.head(&self.fetch_key(key)).await?;
                 tracing::info!("{key} changed in the store; taking its current version");
                 content.present = RangeSet::default();
                 content.etag = Some(info.etag);
                 content.remote_limit = info.size;
-                self.fetch(key, content, 0..size, 0).await
+                self.fetch(key, content, 0..size).await
             }
             other => other,
         }
@@ -2061,18 +2062,34 @@ impl Filesystem {
         if offset >= length {
             return Ok(Bytes::new());
         }
-        let end = (offset + size as u64).min(length);
+        let mut end = (offset + size as u64).min(length);
         let stored_end = end.min(content.remote_limit);
         self.metrics
             .cache_read(offset >= stored_end || content.present.contains(offset..stored_end));
-        if let Err(err) = self.fetch(&key, &mut content, offset..end, window).await {
+        let arriving = self
+            .fetch_ahead(&key, &data, &mut content, offset..end, window)
+            .await;
+        if !arriving.is_empty() {
+            drop(content);
+            for mut done in arriving {
+                // An error only says the task ended, whatever it brought.
+                let _ = done.changed().await;
+            }
+            content = data.content.lock().await;
+            // Cut meanwhile?
+            end = end.min(data.size.load(Ordering::Acquire));
+            if offset >= end {
+                return Ok(Bytes::new());
+            }
+        }
+        // What the background did not bring (it failed, or the disk is full) is fetched here.
+        if let Err(err) = self.fetch(&key, &mut content, offset..end).await {
             drop(content);
             if err.errno() == libc::ENOSPC {
                 // The cache disk is full: make room, or read around the cache.
-                self.make_room(end - offset + window, Duration::ZERO)
-                    .await?;
+                self.make_room(end - offset, Duration::ZERO).await?;
                 content = data.content.lock().await;
-                match self.fetch(&key, &mut content, offset..end, 0).await {
+                match self.fetch(&key, &mut content, offset..end).await {
                     Err(err) if err.errno() == libc::ENOSPC => {
                         let uncached = self.read_uncached(&key, &content, offset..end).await;
                         return uncached.unwrap_or(Err(err));
@@ -2084,7 +2101,7 @@ impl Filesystem {
                 // The object changed in the store while this file was open: start over from it.
                 self.refresh(ino, &data).await?;
                 content = data.content.lock().await;
-                self.fetch(&key, &mut content, offset..end, window).await?;
+                self.fetch(&key, &mut content, offset..end).await?;
             } else {
                 return Err(err);
             }
