@@ -105,7 +105,24 @@ fn print_or_fail(result: Result<String, String>) -> ExitCode {
     }
 }
 
+/// Keeps the mount's memory bounded while megabytes-sized buffers (upload parts, fetched
+/// chunks) come and go. By default glibc raises its mmap threshold after the first such buffer is
+/// freed and keeps later ones in a heap per thread: a mount sat at 150-170 MiB resident after
+/// writing 1 GiB. Here buffers of 8 MiB and more (upload parts) are mapped and unmapped; smaller
+/// ones are reused from at most two heaps, which keep up to 32 MiB free rather than handing it
+/// back and faulting it in again for the next chunk (benches/RESULTS.md has the numbers).
+fn bound_allocator_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets allocator tunables; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn main() -> ExitCode {
+    bound_allocator_memory();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(log_filter())

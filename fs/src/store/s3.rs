@@ -175,13 +175,19 @@ impl S3Store {
             last_modified: system_time(out.last_modified()),
             metadata: metadata(out.metadata()),
         };
-        let body = out.body.collect().await.map_err(|e| {
+        // Into one buffer as the frames arrive, rather than collecting them and then copying
+        // them into one: a chunk of read-ahead is held once in memory, not twice.
+        let mut stream = out.body;
+        let mut body = bytes::BytesMut::with_capacity(length.min(64 << 20) as usize);
+        while let Some(frame) = stream.try_next().await.map_err(|e| {
             StoreError::new(
                 ErrorKind::Unavailable,
                 format!("GET {key}: reading the body: {e}"),
             )
-        })?;
-        let body = body.into_bytes();
+        })? {
+            body.extend_from_slice(&frame);
+        }
+        let body = body.freeze();
         if body.len() as u64 != length {
             return Err(StoreError::new(
                 ErrorKind::Unavailable,
