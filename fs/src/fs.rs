@@ -615,6 +615,7 @@ impl Filesystem {
         name: &str,
         listed_as: Option<Kind>,
     ) -> FsResult<Option<u64>> {
+        let mut listed_as = listed_as;
         let (key, known_object) = {
             let ns = self.ns();
             let key = Self::child_key(&ns, parent, name)?;
@@ -626,14 +627,21 @@ impl Filesystem {
                 }
                 known_object =
                     (inode.kind() != Kind::Dir && inode.remote.is_some()).then(|| inode.kind());
-            } else if (ns.known_absent(parent, name, self.config.metadata_ttl)
-                || ns
+            } else if self.journal().latest(&key).is_none() {
+                // A directory listed within the TTL: a name it did not hold is absent, one it
+                // held needs no listing again to tell a file from a directory.
+                let listing = ns
                     .get(parent)
-                    .and_then(|p| p.listed_at)
-                    .is_some_and(|at| at.elapsed() < self.config.metadata_ttl))
-                && self.journal().latest(&key).is_none()
-            {
-                return Ok(None);
+                    .filter(|p| {
+                        p.listed_at
+                            .is_some_and(|at| at.elapsed() < self.config.metadata_ttl)
+                    })
+                    .map(|p| p.listed_kinds.as_ref().and_then(|k| k.get(name).copied()));
+                if ns.known_absent(parent, name, self.config.metadata_ttl) || listing == Some(None)
+                {
+                    return Ok(None);
+                }
+                listed_as = listed_as.or(listing.flatten());
             }
             (key, known_object)
         };
@@ -704,10 +712,12 @@ impl Filesystem {
                 // untar, a batch of new files, a `stat` of each file cost a listing per TTL.
                 let started = Instant::now();
                 if let Ok(names) = self.entries_of(parent).await {
+                    let names = Arc::new(names);
                     let mut ns = self.ns();
                     if let Some(dir) = ns.get_mut(parent) {
                         dir.listed_at = Some(started);
                         dir.listed_names = names.len();
+                        dir.listed_kinds = Some(Arc::clone(&names));
                     }
                     if moved_on() {
                         continue;
@@ -983,6 +993,7 @@ impl Filesystem {
             // New and empty: its listing is known.
             inode.listed = true;
             inode.listed_at = Some(Instant::now());
+            inode.listed_kinds = None;
         }
         self.count_lookup(ino);
         self.attr(ino)
@@ -1226,18 +1237,33 @@ impl Filesystem {
         self.writable()?;
         let name = check_name(name)?;
         let ino = self.existing(parent, &name).await?;
-        let (key, in_store) = {
+        let (key, in_store, known_empty) = {
             let ns = self.ns();
             let inode = ns.get(ino).ok_or(FsError::NotFound)?;
             if inode.kind() != Kind::Dir {
                 return Err(FsError::NotDir);
             }
+            // Listed in full within the TTL (as `rm -r` does before it removes the entries),
+            // and every name since removed here: empty, as far as lookups would tell.
+            let listed_in_full = inode.listed_kinds.is_none()
+                && inode
+                    .listed_at
+                    .is_some_and(|at| at.elapsed() < self.config.metadata_ttl);
             (
                 ns.key(ino).ok_or(FsError::NotFound)?,
                 inode.remote.is_some(),
+                listed_in_full && ns.children(ino).next().is_none(),
             )
         };
-        if !self.entries_of(ino).await?.is_empty() {
+        let empty = if known_empty {
+            let prefix = format!("{key}/");
+            self.pending_children(&prefix)
+                .iter()
+                .all(|(_, kind)| kind.is_none())
+        } else {
+            self.entries_of(ino).await?.is_empty()
+        };
+        if !empty {
             return Err(FsError::NotEmpty);
         }
         self.record(&key, Change::DeleteDir, in_store, false)
@@ -1525,7 +1551,9 @@ impl Filesystem {
             }
             if let Some(inode) = ns.get_mut(ino) {
                 inode.listed = true;
+                inode.listed_at = Some(started);
                 inode.listed_names = entries.len();
+                inode.listed_kinds = None;
             }
         }
         let own = self.attr(ino)?;
@@ -2412,4 +2440,51 @@ pub struct Statfs {
     pub free_files: u64,
     pub block_size: u32,
     pub name_max: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+    use crate::store::{PutOptions, Store};
+
+    /// A name another host made shows up once the TTL has passed, even right after a lookup of
+    /// another name listed the directory again (that listing installs only the name asked for).
+    #[tokio::test]
+    async fn a_name_made_elsewhere_is_found_after_a_relist_for_another_name() {
+        let store = Arc::new(MemoryStore::new());
+        let put = |key: &'static str| {
+            let store = store.clone();
+            async move {
+                store
+                    .put(key, Bytes::from_static(b"x"), PutOptions::default())
+                    .await
+                    .unwrap()
+            }
+        };
+        put("d/a").await;
+        let cache_dir = tempfile::tempdir().unwrap();
+        let config = FsConfig {
+            metadata_ttl: Duration::from_millis(200),
+            ..FsConfig::default()
+        };
+        let fs = Filesystem::new(
+            store.clone(),
+            Cache::open(cache_dir.path()).unwrap(),
+            config,
+        )
+        .unwrap();
+        let dir = fs.lookup(ROOT, "d".as_ref()).await.unwrap();
+        let fh = fs.opendir(dir.ino).await.unwrap();
+        assert_eq!(fs.readdir(fh, 0).await.unwrap().len(), 3); // ., .. and a
+        put("d/b").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        assert!(matches!(
+            fs.lookup(dir.ino, "c".as_ref()).await,
+            Err(FsError::NotFound)
+        ));
+        let found = fs.lookup(dir.ino, "b".as_ref()).await;
+        assert!(found.is_ok(), "d/b is in the store: {found:?}");
+    }
 }

@@ -46,6 +46,9 @@ pub struct Inode {
     pub listed_at: Option<Instant>,
     /// How many names that listing held.
     pub listed_names: usize,
+    /// The names, and kinds, the listing at `listed_at` held, when it installed only the name
+    /// it was made for (a relist on a miss); none when every name listed is a child here.
+    pub listed_kinds: Option<Arc<HashMap<String, Kind>>>,
 }
 
 impl Inode {
@@ -83,6 +86,7 @@ impl Namespace {
             listed: false,
             listed_at: None,
             listed_names: 0,
+            listed_kinds: None,
         };
         Self {
             inodes: HashMap::from([(ROOT, root)]),
@@ -195,6 +199,7 @@ impl Namespace {
             listed: false,
             listed_at: None,
             listed_names: 0,
+            listed_kinds: None,
         };
         if attrs.kind() == Kind::Dir {
             self.children.insert(ino, BTreeMap::new());
