@@ -1512,11 +1512,33 @@ impl Filesystem {
         Ok(fh)
     }
 
-    /// The entries of directory `ino`, "." and ".." first: one listing of the store, each
-    /// entry's attributes fetched in parallel.
+    /// The names of directory `ino` as this mount holds them, if it listed the directory in
+    /// full (or made it) within the TTL: every name since made or removed here is in them.
+    fn listed_lately(&self, ino: u64) -> Option<HashMap<String, Kind>> {
+        let ns = self.ns();
+        let dir = ns.get(ino)?;
+        let fresh = dir.listed
+            && dir.listed_kinds.is_none()
+            && dir
+                .listed_at
+                .is_some_and(|at| at.elapsed() < self.config.metadata_ttl);
+        fresh.then(|| {
+            ns.children(ino)
+                .filter_map(|(name, child)| Some((name.clone(), ns.get(child)?.kind())))
+                .collect()
+        })
+    }
+
+    /// The entries of directory `ino`, "." and ".." first: one listing of the store (unless
+    /// one made within the TTL still stands), each entry's attributes fetched in parallel.
     async fn list_dir(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
         let started = Instant::now();
-        let names = self.entries_of(ino).await?;
+        let lately = self.listed_lately(ino);
+        let from_store = lately.is_none();
+        let names = match lately {
+            Some(names) => names,
+            None => self.entries_of(ino).await?,
+        };
         let mut entries: Vec<DirEntry> = stream::iter(names)
             .map(|(name, kind)| async move {
                 match self.resolve_listed(ino, &name, Some(kind)).await {
@@ -1530,7 +1552,7 @@ impl Filesystem {
             .try_collect()
             .await?;
         entries.sort_by(|a, b| a.name.cmp(&b.name));
-        {
+        if from_store {
             // Forget children that are no longer there; the listing is now complete.
             let mut ns = self.ns();
             let listed: std::collections::HashSet<&str> =
@@ -2486,5 +2508,20 @@ mod tests {
         ));
         let found = fs.lookup(dir.ino, "b".as_ref()).await;
         assert!(found.is_ok(), "d/b is in the store: {found:?}");
+
+        // A listing is reused for the TTL only: after it, a new name shows.
+        let fh = fs.opendir(dir.ino).await.unwrap();
+        assert_eq!(fs.readdir(fh, 0).await.unwrap().len(), 4);
+        put("d/c").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let fh = fs.opendir(dir.ino).await.unwrap();
+        let names: Vec<String> = fs
+            .readdir(fh, 0)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(names, [".", "..", "a", "b", "c"]);
     }
 }
