@@ -632,10 +632,7 @@ impl Filesystem {
                 // held needs no listing again to tell a file from a directory.
                 let listing = ns
                     .get(parent)
-                    .filter(|p| {
-                        p.listed_at
-                            .is_some_and(|at| at.elapsed() < self.config.metadata_ttl)
-                    })
+                    .filter(|p| self.listed_within_ttl(p))
                     .map(|p| p.listed_kinds.as_ref().and_then(|k| k.get(name).copied()));
                 if ns.known_absent(parent, name, self.config.metadata_ttl) || listing == Some(None)
                 {
@@ -1237,31 +1234,25 @@ impl Filesystem {
         self.writable()?;
         let name = check_name(name)?;
         let ino = self.existing(parent, &name).await?;
-        let (key, in_store, known_empty) = {
+        let (key, in_store) = {
             let ns = self.ns();
             let inode = ns.get(ino).ok_or(FsError::NotFound)?;
             if inode.kind() != Kind::Dir {
                 return Err(FsError::NotDir);
             }
-            // Listed in full within the TTL (as `rm -r` does before it removes the entries),
-            // and every name since removed here: empty, as far as lookups would tell.
-            let listed_in_full = inode.listed_kinds.is_none()
-                && inode
-                    .listed_at
-                    .is_some_and(|at| at.elapsed() < self.config.metadata_ttl);
             (
                 ns.key(ino).ok_or(FsError::NotFound)?,
                 inode.remote.is_some(),
-                listed_in_full && ns.children(ino).next().is_none(),
             )
         };
-        let empty = if known_empty {
-            let prefix = format!("{key}/");
-            self.pending_children(&prefix)
+        // A listing made within the TTL (as `rm -r` makes before it removes the entries) that
+        // every name has since left here: empty, as far as lookups would tell.
+        let empty = match self.listed_lately(ino) {
+            Some(names) if names.is_empty() => self
+                .pending_children(&format!("{key}/"))
                 .iter()
-                .all(|(_, kind)| kind.is_none())
-        } else {
-            self.entries_of(ino).await?.is_empty()
+                .all(|(_, kind)| kind.is_none()),
+            _ => self.entries_of(ino).await?.is_empty(),
         };
         if !empty {
             return Err(FsError::NotEmpty);
@@ -1512,16 +1503,18 @@ impl Filesystem {
         Ok(fh)
     }
 
+    /// Whether directory `dir` was listed (or made) within the TTL.
+    fn listed_within_ttl(&self, dir: &Inode) -> bool {
+        dir.listed_at
+            .is_some_and(|at| at.elapsed() < self.config.metadata_ttl)
+    }
+
     /// The names of directory `ino` as this mount holds them, if it listed the directory in
     /// full (or made it) within the TTL: every name since made or removed here is in them.
     fn listed_lately(&self, ino: u64) -> Option<HashMap<String, Kind>> {
         let ns = self.ns();
         let dir = ns.get(ino)?;
-        let fresh = dir.listed
-            && dir.listed_kinds.is_none()
-            && dir
-                .listed_at
-                .is_some_and(|at| at.elapsed() < self.config.metadata_ttl);
+        let fresh = dir.listed && dir.listed_kinds.is_none() && self.listed_within_ttl(dir);
         fresh.then(|| {
             ns.children(ino)
                 .filter_map(|(name, child)| Some((name.clone(), ns.get(child)?.kind())))

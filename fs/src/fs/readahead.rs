@@ -111,10 +111,11 @@ impl Filesystem {
             // The cache disk is full: the read fetches what it needs itself, and makes room.
             return Vec::new();
         }
+        let source = self.fetch_key(key);
         for piece in pieces {
             let target = Target {
                 key: key.to_string(),
-                source: self.fetch_key(key),
+                source: source.clone(),
                 etag: etag.clone(),
                 data: Arc::clone(data),
                 file: Arc::clone(&content.file),
