@@ -3,12 +3,13 @@
 //! mount process's memory stayed bounded.
 //!
 //! It runs for `CAIRN_STRESS_SECONDS` (default 60); `scripts/soak` runs it for 30 minutes and
-//! more. The store goes away by a relay in front of the S3 server closing (moto keeps its
+//! more. When a writer fails, the mount's whole log goes to the file `CAIRN_STRESS_KEEP_LOG`
+//! names, if set. The store goes away by a relay in front of the S3 server closing (moto keeps its
 //! objects in memory, so a real restart would lose them).
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -62,7 +63,7 @@ struct Control {
 
 impl Control {
     /// Blocks a writer while the test holds the mount still; true once it is time to stop.
-    fn checkpoint(&self, relist: impl Fn()) -> bool {
+    fn checkpoint(&self, relist: impl FnOnce()) -> bool {
         if self.pause.load(Ordering::SeqCst) {
             self.paused.fetch_add(1, Ordering::SeqCst);
             while self.pause.load(Ordering::SeqCst) {
@@ -122,8 +123,71 @@ impl Control {
     }
 }
 
+/// A writer's last operations, for the message when a check fails.
+struct History {
+    started: Instant,
+    recent: VecDeque<String>,
+}
+
+impl History {
+    const KEPT: usize = 400;
+
+    fn note(&mut self, what: String) {
+        if self.recent.len() == Self::KEPT {
+            self.recent.pop_front();
+        }
+        self.recent
+            .push_back(format!("{:>8.3?} {what}", self.started.elapsed()));
+    }
+
+    /// The kept operations that name `target`.
+    fn about(&self, target: &str) -> String {
+        let named: Vec<&str> = self
+            .recent
+            .iter()
+            .filter(|line| line.split_whitespace().any(|word| word == target))
+            .map(String::as_str)
+            .collect();
+        named.join("\n")
+    }
+}
+
+/// How a version of a file is told apart in a failure message: its length and first bytes.
+fn fingerprint(bytes: &[u8]) -> String {
+    let head: String = bytes.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    format!("{} B {head}", bytes.len())
+}
+
+/// Where the writers' files live in the store, asked directly (not through the mount) when a
+/// check fails.
+#[derive(Clone)]
+struct StoreView {
+    spec: String,
+    prefix: String,
+}
+
+impl StoreView {
+    /// What the store holds at a writer's path, and what the mount shows there.
+    fn explain(&self, root: &Path, target: &str) -> String {
+        let direct = Direct::new(&self.spec);
+        let stored = direct
+            .get(&format!("{}{target}", self.prefix))
+            .map_or("nothing".to_string(), |(_, body)| fingerprint(&body));
+        let shown = match fs::read(root.join(target)) {
+            Ok(bytes) => fingerprint(&bytes),
+            Err(err) => format!("unreadable ({err})"),
+        };
+        format!("the store holds {stored}; the mount shows {shown}")
+    }
+}
+
 /// One writer: mixed operations on its own folder, keeping the model of what each file holds.
-fn writer(root: PathBuf, id: usize, control: Arc<Control>) -> BTreeMap<String, Vec<u8>> {
+fn writer(
+    root: PathBuf,
+    id: usize,
+    control: Arc<Control>,
+    store: StoreView,
+) -> BTreeMap<String, Vec<u8>> {
     let dir = root.join(format!("w{id}"));
     fs::create_dir_all(&dir).unwrap();
     // Listing the folder lets the mount create names in it while the store is away.
@@ -133,8 +197,15 @@ fn writer(root: PathBuf, id: usize, control: Arc<Control>) -> BTreeMap<String, V
     relist();
     let mut random = Random(0x5EED + id as u64 * 7919);
     let mut model: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut history = History {
+        started: Instant::now(),
+        recent: VecDeque::new(),
+    };
     let name = |n: u64| format!("w{id}/f{n}");
-    while !control.checkpoint(relist) {
+    while !control.checkpoint(|| {
+        history.note("list".into());
+        relist()
+    }) {
         let target = name(random.below(FILES));
         let path = root.join(&target);
         match random.below(100) {
@@ -146,6 +217,7 @@ fn writer(root: PathBuf, id: usize, control: Arc<Control>) -> BTreeMap<String, V
                 };
                 let bytes = random.bytes(len);
                 fs::write(&path, &bytes).unwrap();
+                history.note(format!("write {target} {}", fingerprint(&bytes)));
                 control
                     .bytes_written
                     .fetch_add(len as u64, Ordering::Relaxed);
@@ -166,26 +238,43 @@ fn writer(root: PathBuf, id: usize, control: Arc<Control>) -> BTreeMap<String, V
                     }
                     Ok(())
                 });
-                model.entry(target).or_default().extend_from_slice(&extra);
+                let whole = model.entry(target.clone()).or_default();
+                whole.extend_from_slice(&extra);
+                history.note(format!("append {target} now {}", fingerprint(whole)));
             }
             50..=59 => {
                 if let Some(bytes) = model.remove(&target) {
                     let to = name(random.below(FILES));
                     fs::rename(&path, root.join(&to)).unwrap();
+                    history.note(format!("rename {target} -> {to} {}", fingerprint(&bytes)));
                     model.insert(to, bytes);
                 }
             }
             60..=69 => {
                 if model.remove(&target).is_some() {
                     fs::remove_file(&path).unwrap();
+                    history.note(format!("delete {target}"));
                 }
             }
             _ => match model.get(&target) {
                 Some(bytes) => {
                     let read = control.patiently(&format!("reading {target}"), || fs::read(&path));
-                    assert!(read == *bytes, "{target} reads back wrong");
+                    if read != *bytes {
+                        panic!(
+                            "{target} reads back wrong: {} instead of {}; {}; its history:\n{}",
+                            fingerprint(&read),
+                            fingerprint(bytes),
+                            store.explain(&root, &target),
+                            history.about(&target)
+                        );
+                    }
                 }
-                None => assert!(!path.exists(), "{target} was removed"),
+                None if path.exists() => panic!(
+                    "{target} was removed, yet it exists; {}; its history:\n{}",
+                    store.explain(&root, &target),
+                    history.about(&target)
+                ),
+                None => {}
             },
         }
         control.operations.fetch_add(1, Ordering::Relaxed);
@@ -217,10 +306,14 @@ fn eight_writers_through_outages_and_a_crash() {
     let volume = Arc::new(Mutex::new(Volume::mount(&spec, &options)));
     let root = volume.lock().unwrap().mountpoint.clone();
     let control = Arc::new(Control::default());
+    let store = StoreView {
+        spec: server.spec(""),
+        prefix: volume.lock().unwrap().key(""),
+    };
     let writers: Vec<_> = (0..WRITERS)
         .map(|id| {
-            let (root, control) = (root.clone(), Arc::clone(&control));
-            std::thread::spawn(move || writer(root, id, control))
+            let (root, control, store) = (root.clone(), Arc::clone(&control), store.clone());
+            std::thread::spawn(move || writer(root, id, control, store))
         })
         .collect();
 
@@ -270,6 +363,9 @@ fn eight_writers_through_outages_and_a_crash() {
         }
         if writers.iter().any(|w| w.is_finished()) {
             let printed = volume.lock().unwrap().printed();
+            if let Ok(keep) = std::env::var("CAIRN_STRESS_KEEP_LOG") {
+                fs::write(&keep, &printed).expect("keep the mount's log");
+            }
             let tail: Vec<&str> = printed.lines().rev().take(80).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
             panic!(

@@ -202,6 +202,7 @@ enum Handle {
 }
 
 /// What a probe of the store found at a name.
+#[derive(Debug)]
 enum Found {
     Object(ObjectInfo),
     Dir(Option<ObjectInfo>),
@@ -219,6 +220,12 @@ pub struct Filesystem {
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     journal: Arc<Mutex<Journal>>,
+    /// Orders recording a change under a name read from the tree (shared: a close, a chmod)
+    /// against removing or moving that name (exclusive: unlink, rename). A file's RELEASE
+    /// reaches the mount after close() has returned, so it can race the caller's next unlink:
+    /// without this, it could record the contents under the name just removed, and the file
+    /// would come back in the store. Taken after a file's content lock, never before.
+    naming: tokio::sync::RwLock<()>,
     /// Open or changed files by cache file name; the uploader snapshots through these.
     files: tokio::sync::Mutex<HashMap<String, Weak<FileData>>>,
     /// A change was applied (or failed): waiters look again.
@@ -340,6 +347,7 @@ impl Filesystem {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             journal: Arc::new(Mutex::new(journal)),
+            naming: tokio::sync::RwLock::new(()),
             files: tokio::sync::Mutex::new(HashMap::new()),
             progress: Notify::new(),
             wake: Notify::new(),
@@ -623,6 +631,11 @@ impl Filesystem {
             if let Some(ino) = ns.child(parent, name) {
                 let inode = ns.get(ino).expect("live child");
                 if self.trusted(inode) {
+                    tracing::debug!(
+                        "{key}: known (inode {ino}, open or changed here: {}, checked {:?} ago)",
+                        inode.file.is_some(),
+                        inode.checked.elapsed()
+                    );
                     return Ok(Some(ino));
                 }
                 known_object =
@@ -696,6 +709,7 @@ impl Filesystem {
                     {
                         inode.target = Some(target.clone());
                     }
+                    tracing::debug!("{key}: pending change {:?} (inode {ino})", seq);
                     return Ok(Some(ino));
                 }
                 _ => {}
@@ -723,6 +737,7 @@ impl Filesystem {
                     if let Some(ino) = child
                         && ns.get(ino).is_some_and(|inode| self.trusted(inode))
                     {
+                        tracing::debug!("{key}: known (inode {ino}), found while relisting");
                         return Ok(Some(ino));
                     }
                     match names.get(name) {
@@ -774,6 +789,7 @@ impl Filesystem {
             }
             match found {
                 Some(found) => {
+                    tracing::debug!("{key}: the store has it (hint {hint:?}): {found:?}");
                     let ino = self.install(&mut ns, parent, name, found);
                     if let (Some(Change::SetAttrs { attrs, .. }), Some(inode)) =
                         (&pending, ns.get_mut(ino))
@@ -880,19 +896,7 @@ impl Filesystem {
     /// Records an inode's new attributes (and, for a file truncated while no one has it open,
     /// its new contents) in the change log.
     async fn persist_attrs(&self, ino: u64, kind: Kind, resized: bool) -> FsResult<()> {
-        let (key, attrs, data, in_store) = {
-            let ns = self.ns();
-            if !ns.attached(ino) || ino == ROOT {
-                return Ok(()); // The root has no object of its own.
-            }
-            let inode = ns.get(ino).ok_or(FsError::NotFound)?;
-            (
-                ns.key(ino).unwrap_or_default(),
-                inode.attrs,
-                inode.file.clone(),
-                inode.remote.is_some(),
-            )
-        };
+        let data = self.ns().get(ino).and_then(|inode| inode.file.clone());
         if let Some(data) = &data
             && resized
             && data.opens.load(Ordering::Acquire) == 0
@@ -900,18 +904,31 @@ impl Filesystem {
             self.queue_upload(data, true).await?;
             return Ok(());
         }
+        // New attributes of a changed file go with its contents when it is closed.
+        let dirty = match &data {
+            Some(data) => data.content.lock().await.dirty,
+            None => false,
+        };
+        let _naming = self.naming.read().await;
+        let (key, attrs, in_store) = {
+            let ns = self.ns();
+            if !ns.attached(ino) || ino == ROOT {
+                return Ok(()); // Removed meanwhile; the root has no object of its own.
+            }
+            let inode = ns.get(ino).ok_or(FsError::NotFound)?;
+            (
+                ns.key(ino).unwrap_or_default(),
+                inode.attrs,
+                inode.remote.is_some(),
+            )
+        };
         let stored = StoredAttrs::from(attrs);
         let update_key = key.clone();
         if self
             .log(move |j| j.update_attrs(&update_key, stored))
             .await?
+            || dirty
         {
-            return Ok(());
-        }
-        if let Some(data) = &data
-            && data.content.lock().await.dirty
-        {
-            // Goes with the contents when the file is closed.
             return Ok(());
         }
         let change = Change::SetAttrs {
@@ -1073,8 +1090,9 @@ impl Filesystem {
             }
             content.remote_limit = 0;
         }
-        self.record(&key, Change::Delete, in_store, false).await?;
         {
+            let _naming = self.naming.write().await;
+            self.record(&key, Change::Delete, in_store, false).await?;
             // Gone, as this mount knows: a new file of this name needs no probe within the TTL.
             let mut ns = self.ns();
             ns.detach(ino);
@@ -1336,7 +1354,20 @@ impl Filesystem {
         {
             self.make_whole_file(target, &target_key).await?;
         }
-        let moved = self.moved_version(source, &source_key).await?;
+        let (moved, _naming) = loop {
+            let moved = self.moved_version(source, &source_key).await?;
+            let naming = self.naming.write().await;
+            // A close through another handle may have recorded new contents in between, which
+            // a copy of the stored version would miss.
+            let recorded_meanwhile = matches!(moved, Change::Copy { .. })
+                && matches!(
+                    self.journal().latest(&source_key).map(|e| &e.change),
+                    Some(Change::PutFile { .. })
+                );
+            if !recorded_meanwhile {
+                break (moved, naming);
+            }
+        };
         let source_in_store = self.ns().get(source).is_some_and(|s| s.remote.is_some());
         // The tree and the cache index move first, so that the uploader, once the change is
         // recorded, finds the file under its new name.
@@ -2283,6 +2314,7 @@ impl Filesystem {
     /// the write-back delay or now. Returns the change's sequence number, if one is pending.
     async fn queue_upload(&self, data: &FileData, delayed: bool) -> FsResult<Option<u64>> {
         let mut content = data.content.lock().await;
+        let _naming = self.naming.read().await;
         let (key, attrs, in_store) = {
             let ns = self.ns();
             if !ns.attached(data.ino) {
@@ -2516,5 +2548,96 @@ mod tests {
             .map(|e| e.name)
             .collect();
         assert_eq!(names, [".", "..", "a", "b", "c"]);
+    }
+
+    /// The kernel sends a file's RELEASE after close() has returned, so it may arrive while the
+    /// next call removes the file: the release must not put the file's contents back in the
+    /// change log under the name just removed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_release_racing_an_unlink_does_not_bring_the_file_back() {
+        let cache_dir = tempfile::tempdir().unwrap();
+        let fs = Arc::new(
+            Filesystem::new(
+                Arc::new(MemoryStore::new()),
+                Cache::open(cache_dir.path()).unwrap(),
+                FsConfig::default(),
+            )
+            .unwrap(),
+        );
+        for round in 0..400 {
+            let name = format!("f{round}");
+            let (_, opened) = fs
+                .create(ROOT, name.as_ref(), 0o644, 0, 0, 0, 0)
+                .await
+                .unwrap();
+            fs.write(opened.fh, 0, b"contents").await.unwrap();
+            fs.flush(opened.fh).await.unwrap();
+            let releasing = {
+                let fs = Arc::clone(&fs);
+                tokio::spawn(async move {
+                    for _ in 0..round % 40 {
+                        tokio::task::yield_now().await;
+                    }
+                    fs.release(opened.fh).await.unwrap();
+                })
+            };
+            fs.unlink(ROOT, name.as_ref()).await.unwrap();
+            releasing.await.unwrap();
+            let pending = fs.journal().latest(&name).map(|e| e.change.clone());
+            assert!(
+                pending.is_none(),
+                "round {round}: {name} was removed, yet the change log holds {pending:?}"
+            );
+        }
+    }
+
+    /// The same race with a rename onto a name the store holds: the release must not record the
+    /// contents under the new name as if the store had nothing there, or deleting that name
+    /// later would leave the store's old object in place.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_release_racing_a_rename_keeps_the_replaced_object_known() {
+        let store = Arc::new(MemoryStore::new());
+        let cache_dir = tempfile::tempdir().unwrap();
+        let fs = Arc::new(
+            Filesystem::new(
+                store.clone(),
+                Cache::open(cache_dir.path()).unwrap(),
+                FsConfig::default(),
+            )
+            .unwrap(),
+        );
+        for round in 0..400 {
+            let (source, target) = (format!("s{round}"), format!("t{round}"));
+            store
+                .put(&target, Bytes::from_static(b"old"), PutOptions::default())
+                .await
+                .unwrap();
+            let (_, opened) = fs
+                .create(ROOT, source.as_ref(), 0o644, 0, 0, 0, 0)
+                .await
+                .unwrap();
+            fs.write(opened.fh, 0, b"new").await.unwrap();
+            fs.flush(opened.fh).await.unwrap();
+            let releasing = {
+                let fs = Arc::clone(&fs);
+                tokio::spawn(async move {
+                    for _ in 0..round % 40 {
+                        tokio::task::yield_now().await;
+                    }
+                    fs.release(opened.fh).await.unwrap();
+                })
+            };
+            fs.rename(ROOT, source.as_ref(), ROOT, target.as_ref(), false)
+                .await
+                .unwrap();
+            releasing.await.unwrap();
+            fs.unlink(ROOT, target.as_ref()).await.unwrap();
+            let pending = fs.journal().latest(&target).map(|e| e.change.clone());
+            assert_eq!(
+                pending,
+                Some(Change::Delete),
+                "round {round}: the store's {target} would stay"
+            );
+        }
     }
 }
