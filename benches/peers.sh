@@ -3,10 +3,11 @@
 # cache), on the same S3 server and bucket, with the same part size (8 MiB) and concurrency (8);
 # plus the limits: the same work on the local disk that holds the caches, and the store's own
 # speed through the SDK alone. Each workload runs BENCH_ROUNDS times on each (median reported).
-# Not a test: it asserts nothing. Writes benches/results/peers-DATE.md and a PNG chart.
+# Not a test: it asserts nothing. Writes benches/results/NAME.md and NAME.png, NAME being
+# BENCH_OUT (default peers-DATE; name a partial run so it does not replace the full one).
 #
 #   sudo benches/peers.sh          # BENCH_MIB=1024 BENCH_ROUNDS=3 BENCH_FILES=10000
-#                                  # BENCH_TARGETS="local cairn rclone s3fs"
+#                                  # BENCH_TARGETS="local cairn rclone s3fs" BENCH_OUT=peers-DATE
 #
 # The S3 server is s3rver (see benches/README.md for why), installed from npm under
 # $CAIRN_CACHE_DIR; fio and matplotlib are installed too.
@@ -225,7 +226,8 @@ RAW_PUT=$(awk '/^put/ {print $2}' <<<"$raw"); RAW_GET=$(awk '/^get/ {print $2}' 
 
 mkdir -p benches/results
 stamp=$(date -u +%Y-%m-%d)
-out="benches/results/peers-$stamp.md"
+name="${BENCH_OUT:-peers-$stamp}"
+out="benches/results/$name.md"
 {
     echo "# cairn, rclone and s3fs side by side ($stamp)"
     echo
@@ -262,7 +264,7 @@ EOF
     echo "Files a fresh mount listed after the $FILES were created and the mount stopped (the"
     echo "way each is meant to stop): cairn ${LISTED[cairn]:-?}, rclone ${LISTED[rclone]:-?}, s3fs ${LISTED[s3fs]:-?}."
 } >"$out"
-"$PLOT/bin/python" - "$out" "benches/results/peers-$stamp.png" <<'EOF'
+"$PLOT/bin/python" - "$out" "benches/results/$name.png" <<'EOF'
 import sys
 import matplotlib
 matplotlib.use("Agg")
@@ -289,4 +291,4 @@ fig.tight_layout()
 fig.savefig(sys.argv[2], dpi=110)
 EOF
 cat "$out"
-echo "chart: benches/results/peers-$stamp.png"
+echo "chart: benches/results/$name.png"

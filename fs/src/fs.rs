@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::ops::Range;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -290,6 +291,37 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| FsError::Io(std::io::Error::other(format!("blocking task failed: {e}"))))?
+}
+
+/// The largest read served on an async worker when the page cache holds it (a copy, no I/O).
+const IN_MEMORY_READ_LIMIT: u64 = 128 << 10;
+
+/// `range` of a cache file if the page cache holds all of it, read without waiting on the disk
+/// (`RWF_NOWAIT`): a read of data in memory then needs no hop to a blocking thread. None when
+/// some of it would need the disk (or the range is large): read it with [`read_at`] off the
+/// async workers.
+fn read_if_in_memory(file: &File, range: Range<u64>) -> Option<Vec<u8>> {
+    let len = range.end - range.start;
+    if len > IN_MEMORY_READ_LIMIT {
+        return None;
+    }
+    let mut buf = vec![0u8; len as usize];
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: the iovec points into `buf`, which outlives the call, and the descriptor is open
+    // for as long as `file` is.
+    let read = unsafe {
+        libc::preadv2(
+            file.as_raw_fd(),
+            &iov,
+            1,
+            range.start as libc::off_t,
+            libc::RWF_NOWAIT,
+        )
+    };
+    (usize::try_from(read).ok() == Some(buf.len())).then_some(buf)
 }
 
 fn read_at(file: &File, range: Range<u64>) -> FsResult<Vec<u8>> {
@@ -2182,7 +2214,10 @@ impl Filesystem {
         }
         let file = Arc::clone(&content.file);
         drop(content);
-        let bytes = blocking(move || read_at(&file, offset..end)).await?;
+        let bytes = match read_if_in_memory(&file, offset..end) {
+            Some(bytes) => bytes,
+            None => blocking(move || read_at(&file, offset..end)).await?,
+        };
         Ok(Bytes::from(bytes))
     }
 
@@ -2548,6 +2583,25 @@ mod tests {
             .map(|e| e.name)
             .collect();
         assert_eq!(names, [".", "..", "a", "b", "c"]);
+    }
+
+    /// Bytes the page cache holds are read on the spot; a read past the end, or a large one,
+    /// goes to a blocking thread.
+    #[test]
+    fn data_in_memory_is_read_without_a_blocking_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cached");
+        let bytes: Vec<u8> = (0..64 << 10).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let file = File::open(&path).unwrap();
+        assert_eq!(
+            read_if_in_memory(&file, 100..4196).as_deref(),
+            Some(&bytes[100..4196])
+        );
+        assert_eq!(read_if_in_memory(&file, (60 << 10)..(68 << 10)), None);
+        let large = std::fs::File::create(dir.path().join("large")).unwrap();
+        large.set_len(1 << 20).unwrap();
+        assert_eq!(read_if_in_memory(&large, 0..(256 << 10)), None);
     }
 
     /// The kernel sends a file's RELEASE after close() has returned, so it may arrive while the
