@@ -169,6 +169,9 @@ struct Content {
     changed: RangeSet,
     /// Ranges being fetched in the background (read-ahead).
     fetching: Vec<readahead::InFlight>,
+    /// One clone per upload reading the cache file itself: while any is out, a change first
+    /// moves the file to a copy ([`Filesystem::copy_aside`]).
+    upload_readers: Arc<()>,
 }
 
 impl Content {
@@ -1766,6 +1769,7 @@ impl Filesystem {
                     kernel_cached: None,
                     changed,
                     fetching: Vec::new(),
+                    upload_readers: Arc::default(),
                 };
                 (content, length)
             }
@@ -1808,6 +1812,7 @@ impl Filesystem {
                     kernel_cached: None,
                     changed: RangeSet::default(),
                     fetching: Vec::new(),
+                    upload_readers: Arc::default(),
                 };
                 (content, size)
             }
@@ -1850,6 +1855,7 @@ impl Filesystem {
                 kernel_cached: None,
                 changed: RangeSet::default(),
                 fetching: Vec::new(),
+                upload_readers: Arc::default(),
             }),
             size: AtomicU64::new(0),
             opens: AtomicUsize::new(0),
@@ -2120,6 +2126,9 @@ impl Filesystem {
     /// file not all cached keeps the rest in the store (see [`Content::partial`]); any other
     /// fetches what it lacks first.
     async fn make_dirty(&self, ino: u64, content: &mut Content, size: u64) -> FsResult<()> {
+        if Arc::strong_count(&content.upload_readers) > 1 {
+            self.copy_aside(content).await?;
+        }
         if !content.dirty {
             // An unlinked file still open has no key, and nothing left to fetch.
             let key = self.key_of(ino).unwrap_or_default();
@@ -2155,6 +2164,37 @@ impl Filesystem {
         }
         content.generation += 1;
         content.dirty_since.get_or_insert_with(Instant::now);
+        Ok(())
+    }
+
+    /// Copy on write: the uploader is reading this file's cache file, so before the file
+    /// changes, its bytes move to a copy that takes the cache file's place; the upload goes on
+    /// reading the version it started with. A partial file's copy holds only the bytes it has.
+    async fn copy_aside(&self, content: &mut Content) -> FsResult<()> {
+        let path = self.cache.path_of(&content.cache_name);
+        let copy = self.cache.snapshot_path();
+        let spans = content.partial().map(|_| content.present.clone());
+        let file = blocking(move || {
+            let copied = match &spans {
+                Some(spans) => {
+                    let len = std::fs::metadata(&path)?.len();
+                    upload::copy_spans(&path, &copy, len, spans)
+                }
+                None => std::fs::copy(&path, &copy),
+            };
+            let replaced = copied.and_then(|_| std::fs::rename(&copy, &path));
+            if let Err(err) = replaced {
+                let _ = std::fs::remove_file(&copy);
+                return Err(err.into());
+            }
+            Ok(std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)?)
+        })
+        .await?;
+        content.file = Arc::new(file);
+        content.upload_readers = Arc::default();
         Ok(())
     }
 

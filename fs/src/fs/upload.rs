@@ -1,7 +1,9 @@
 //! The uploader: applies the change log to the store in the background, in order, several
-//! changes at once where they touch unrelated keys. A file's contents are uploaded from a
-//! snapshot taken under the file's lock, so the object is always a version the file really had,
-//! even while the application goes on writing. Retryable store errors are retried with backoff
+//! changes at once where they touch unrelated keys. A file's contents are uploaded from its cache
+//! file itself while the file is marked as uploading: a write meanwhile first moves the file to a
+//! copy of its own (copy on write), so the object is always a version the file really had, even
+//! while the application goes on writing, and a file no one writes during its upload is never
+//! copied. A file the mount holds no state for (after a restart) is uploaded from a snapshot. Retryable store errors are retried with backoff
 //! for as long as it takes; the changes wait safely on local disk meanwhile.
 //!
 //! Also here: waiting for changes to reach the store (fsync, flush, unmount), the figures a
@@ -27,7 +29,12 @@ use crate::store::{ETag, ErrorKind, GetOptions, PartSource, PutCondition, PutOpt
 
 /// A file's contents taken for an upload.
 struct Snapshot {
+    /// Opened before anything could replace it (see [`Filesystem::copy_aside`]).
+    file: std::fs::File,
     path: PathBuf,
+    /// Held while the upload reads the cache file itself (see [`Filesystem::copy_aside`]); None
+    /// for a copy, removed after the upload.
+    reading: Option<Arc<()>>,
     size: u64,
     /// The open file it was taken from, and its generation then.
     holder: Option<(Arc<FileData>, u64)>,
@@ -37,7 +44,12 @@ struct Snapshot {
 
 /// Copies the `spans` of `source` (below `size`) into a new file `target` of `size` bytes,
 /// leaving the rest as holes; returns `size`.
-fn copy_spans(source: &Path, target: &Path, size: u64, spans: &RangeSet) -> std::io::Result<u64> {
+pub(super) fn copy_spans(
+    source: &Path,
+    target: &Path,
+    size: u64,
+    spans: &RangeSet,
+) -> std::io::Result<u64> {
     use std::os::unix::fs::FileExt;
     const CHUNK: u64 = 1 << 20;
     let from = std::fs::File::open(source)?;
@@ -187,7 +199,9 @@ impl Filesystem {
                     other => other?,
                 };
                 let Some(Snapshot {
+                    file,
                     path: snapshot,
+                    reading,
                     size,
                     holder,
                     partial,
@@ -196,10 +210,13 @@ impl Filesystem {
                     return Ok(Applied::Moot(format!("the cache file of {key} is gone")));
                 };
                 let put = self
-                    .put_path(key, &snapshot, size, (*attrs).into(), partial.as_ref())
+                    .put_file(key, file, size, (*attrs).into(), partial.as_ref())
                     .await;
-                let path = snapshot.clone();
-                let _ = blocking(move || Ok(std::fs::remove_file(path)?)).await;
+                if reading.is_none() {
+                    let path = snapshot.clone();
+                    let _ = blocking(move || Ok(std::fs::remove_file(path)?)).await;
+                }
+                drop(reading);
                 let etag = put?;
                 self.after_put(entry, cache_file, etag.clone(), size, holder, partial)
                     .await?;
@@ -479,65 +496,57 @@ impl Filesystem {
         }
     }
 
-    /// Copies a cache file to a snapshot under the file's lock (or, for a file no one has open,
-    /// while no one can open it). None if the cache file is gone. A partial file's snapshot holds
-    /// only its own bytes; the rest stay in the store.
+    /// The contents to upload: for a file the mount holds state for, the cache file itself,
+    /// marked as uploading (see [`Filesystem::copy_aside`]); otherwise a copy taken while no one
+    /// can open the file. None if the cache file is gone. A partial file's snapshot holds only
+    /// its own bytes; the rest stay in the store.
     async fn snapshot(&self, cache_file: &str) -> FsResult<Option<Snapshot>> {
         let registry = self.files.lock().await;
         let holder = registry.get(cache_file).and_then(std::sync::Weak::upgrade);
         let source = self.cache.path_of(cache_file);
+        if let Some(data) = holder {
+            let content = data.content.lock().await;
+            drop(registry);
+            let path = source.clone();
+            let file = blocking(move || Ok(std::fs::File::open(path)?)).await?;
+            return Ok(Some(Snapshot {
+                file,
+                path: source,
+                reading: Some(Arc::clone(&content.upload_readers)),
+                size: data.size.load(Ordering::Acquire),
+                partial: content.partial(),
+                holder: Some((Arc::clone(&data), content.generation)),
+            }));
+        }
+        let (cache, name) = (self.cache.clone(), cache_file.to_string());
+        let partial = blocking(move || cache.partial(&name)).await?;
         let target = self.cache.snapshot_path();
-        let copy = |source: PathBuf, target: PathBuf, partial: Option<(Partial, u64)>| {
-            blocking(move || {
-                let copied = match &partial {
-                    Some((partial, size)) => copy_spans(&source, &target, *size, &partial.changed),
-                    None => std::fs::copy(&source, &target),
-                };
-                match copied {
-                    Ok(size) => Ok(Some(size)),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                    Err(e) => {
-                        let _ = std::fs::remove_file(&target);
-                        Err(e.into())
-                    }
+        let (from, to, spans) = (source, target.clone(), partial.clone());
+        let copied = blocking(move || {
+            let copied = match &spans {
+                Some(partial) => {
+                    let len = std::fs::metadata(&from).map_or(0, |m| m.len());
+                    copy_spans(&from, &to, len, &partial.changed)
                 }
-            })
-        };
-        let (size, holder, partial) = match holder {
-            Some(data) => {
-                let content = data.content.lock().await;
-                drop(registry);
-                let generation = content.generation;
-                let partial = content.partial();
-                let sized = partial
-                    .clone()
-                    .map(|p| (p, data.size.load(Ordering::Acquire)));
-                let size = copy(source, target.clone(), sized).await?;
-                drop(content);
-                (size, Some((data, generation)), partial)
+                None => std::fs::copy(&from, &to),
+            };
+            match copied.and_then(|size| Ok((std::fs::File::open(&to)?, size))) {
+                Ok(opened) => Ok(Some(opened)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&to);
+                    Err(e.into())
+                }
             }
-            None => {
-                let (cache, name) = (self.cache.clone(), cache_file.to_string());
-                let partial = blocking(move || cache.partial(&name)).await?;
-                let sized = match &partial {
-                    Some(p) => {
-                        let path = source.clone();
-                        let len =
-                            blocking(move || Ok(std::fs::metadata(path).map_or(0, |m| m.len())))
-                                .await?;
-                        Some((p.clone(), len))
-                    }
-                    None => None,
-                };
-                let size = copy(source, target.clone(), sized).await?;
-                drop(registry);
-                (size, None, partial)
-            }
-        };
-        Ok(size.map(|size| Snapshot {
+        })
+        .await?;
+        drop(registry);
+        Ok(copied.map(|(file, size)| Snapshot {
+            file,
             path: target,
+            reading: None,
             size,
-            holder,
+            holder: None,
             partial,
         }))
     }
@@ -553,8 +562,12 @@ impl Filesystem {
         let registry = self.files.lock().await;
         let holder = registry.get(cache_file).and_then(std::sync::Weak::upgrade);
         let path = self.cache.path_of(cache_file);
-        let source = path.clone();
-        let Ok(size) = blocking(move || Ok(std::fs::metadata(source)?.len())).await else {
+        let opened = blocking(move || {
+            let file = std::fs::File::open(path)?;
+            let size = file.metadata()?.len();
+            Ok((file, size))
+        });
+        let Ok((file, size)) = opened.await else {
             return Ok(Applied::Moot(format!(
                 "the cache file of {} is gone",
                 entry.key
@@ -566,7 +579,7 @@ impl Filesystem {
                 drop(registry);
                 let partial = content.partial();
                 let etag = self
-                    .put_path(&entry.key, &path, size, attrs, partial.as_ref())
+                    .put_file(&entry.key, file, size, attrs, partial.as_ref())
                     .await?;
                 (etag, content.generation, partial)
             }
@@ -574,7 +587,7 @@ impl Filesystem {
                 let (cache, name) = (self.cache.clone(), cache_file.to_string());
                 let partial = blocking(move || cache.partial(&name)).await?;
                 let etag = self
-                    .put_path(&entry.key, &path, size, attrs, partial.as_ref())
+                    .put_file(&entry.key, file, size, attrs, partial.as_ref())
                     .await?;
                 drop(registry);
                 (etag, 0, partial)
@@ -590,21 +603,20 @@ impl Filesystem {
         })
     }
 
-    /// Uploads `size` bytes of the file at `path` to `key`: one put, or a multipart upload with
+    /// Uploads `size` bytes of `file` to `key`: one put, or a multipart upload with
     /// parts in parallel for large files. For a partial file, a part it holds none of is copied
     /// from the base version inside the store, and the base's bytes of a part it holds some of
     /// are fetched.
-    async fn put_path(
+    async fn put_file(
         &self,
         key: &str,
-        path: &Path,
+        file: std::fs::File,
         size: u64,
         attrs: Attrs,
         partial: Option<&Partial>,
     ) -> FsResult<ETag> {
         let metadata = attrs.encode();
-        let path = path.to_path_buf();
-        let file = Arc::new(blocking(move || Ok(std::fs::File::open(path)?)).await?);
+        let file = Arc::new(file);
         if size <= self.config.single_put_limit {
             let body = self.read_part(key, &file, 0..size, partial).await?;
             let put = self
@@ -1063,5 +1075,81 @@ mod tests {
 
         let (_, stored) = store.get_all("a").await.unwrap();
         assert_eq!(&stored[..], b"again");
+    }
+
+    /// The upload reads the cache file itself; a write while it does moves the file to a copy
+    /// first, so the store gets the version of the close, whole, and then the new one; the
+    /// uploaded file is never copied when no one writes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_during_the_upload_of_a_file_goes_to_a_copy() {
+        use crate::store::faults::{FaultyStore, Op};
+        let memory = Arc::new(MemoryStore::new());
+        let faulty = Arc::new(FaultyStore::new(memory.clone()));
+        faulty.add_latency(Some(Op::UploadPart), Duration::from_millis(150));
+        let cache_dir = tempfile::tempdir().unwrap();
+        let config = FsConfig {
+            writeback_delay: Duration::from_secs(2),
+            single_put_limit: 8 * MIB,
+            concurrency: 1,
+            ..FsConfig::default()
+        };
+        let cache = Cache::open(cache_dir.path()).unwrap();
+        let fs = Arc::new(Filesystem::new(faulty.clone(), cache, config).unwrap());
+        fs.start_uploader();
+        let size = 40 * MIB as usize;
+        let flags = libc::O_WRONLY | libc::O_CREAT;
+        let (attr, opened) = fs
+            .create(ROOT, "f".as_ref(), 0o644, 0o022, flags, 0, 0)
+            .await
+            .unwrap();
+        fs.write(opened.fh, 0, &vec![b'a'; size]).await.unwrap();
+        fs.release(opened.fh).await.unwrap();
+        let cache_files = || {
+            std::fs::read_dir(cache_dir.path().join("data"))
+                .unwrap()
+                .count()
+        };
+        let before = cache_files();
+        while faulty.calls(Op::UploadPart) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            std::fs::read_dir(cache_dir.path().join("snapshots"))
+                .unwrap()
+                .count(),
+            0,
+            "the upload copied the file"
+        );
+
+        // The first and the last part change while the upload reads the first ones.
+        let reopened = fs.open(attr.ino, libc::O_WRONLY).await.unwrap();
+        fs.write(reopened.fh, 0, b"z").await.unwrap();
+        fs.write(reopened.fh, size as u64 - 1, b"z").await.unwrap();
+        fs.release(reopened.fh).await.unwrap();
+        while faulty.calls(Op::CompleteMultipart) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (_, first) = memory.get_all("f").await.unwrap();
+        assert!(
+            first.iter().all(|b| *b == b'a'),
+            "the first upload is not the version of the first close"
+        );
+        assert_eq!(
+            cache_files(),
+            before,
+            "the copy took the cache file's place"
+        );
+
+        fs.drain(Some(Duration::from_secs(30))).await.unwrap();
+        let (_, last) = memory.get_all("f").await.unwrap();
+        let mut expected = vec![b'a'; size];
+        expected[0] = b'z';
+        expected[size - 1] = b'z';
+        assert!(
+            last[..] == expected[..],
+            "the store lacks the second version"
+        );
+        let again = fs.open(attr.ino, libc::O_RDONLY).await.unwrap();
+        assert_eq!(&fs.read(again.fh, 0, 2).await.unwrap()[..], b"za");
     }
 }
