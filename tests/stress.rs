@@ -340,7 +340,7 @@ fn eight_writers_through_outages_and_a_crash() {
             .is_some_and(|(when, _)| started.elapsed() >= *when)
         {
             let (_, event) = events.pop().unwrap();
-            log.push(format!("{:>5.0?} {event}", started.elapsed()));
+            log.push(format!("{:>6.0?} {event}", started.elapsed()));
             match event {
                 "store away" => {
                     control.set_store_away(true);
