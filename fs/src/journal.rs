@@ -125,6 +125,15 @@ impl Change {
         }
     }
 
+    /// Whether the change puts a new object at its key, or removes it: what an earlier change
+    /// of the key stored is then no longer what the key holds.
+    pub fn replaces_object(&self) -> bool {
+        matches!(
+            self,
+            Self::PutFile { .. } | Self::PutSymlink { .. } | Self::Copy { .. } | Self::Delete
+        )
+    }
+
     /// Whether the change is about a directory's marker object rather than a file's object.
     pub fn is_marker(&self) -> bool {
         matches!(

@@ -3,8 +3,9 @@
 //! file itself while the file is marked as uploading: a write meanwhile first moves the file to a
 //! copy of its own (copy on write), so the object is always a version the file really had, even
 //! while the application goes on writing, and a file no one writes during its upload is never
-//! copied. A file the mount holds no state for (after a restart) is uploaded from a snapshot. Retryable store errors are retried with backoff
-//! for as long as it takes; the changes wait safely on local disk meanwhile.
+//! copied. A file the mount holds no state for (after a restart) is uploaded from a snapshot.
+//! Retryable store errors are retried with backoff for as long as it takes; the changes wait
+//! safely on local disk meanwhile.
 //!
 //! Also here: waiting for changes to reach the store (fsync, flush, unmount), the figures a
 //! report shows, and the periodic work (uploading files kept open and written, evicting clean
@@ -391,11 +392,20 @@ impl Filesystem {
                     // Out of the log and into the inode at once (under the tree's lock), so that
                     // anyone reading both sees the change pending or the store's new version.
                     let mut ns = self.ns();
-                    self.journal().forget(seq);
+                    let superseded = {
+                        let mut journal = self.journal();
+                        journal.forget(seq);
+                        // A newer version of the key waits: the inode there now is that one
+                        // (a file renamed over it, say), not the one this change stored.
+                        journal
+                            .latest(&entry.key)
+                            .is_some_and(|newer| newer.change.replaces_object())
+                    };
                     if let Applied::Done {
                         stored: Some((kind, etag, size)),
                         ..
                     } = &applied
+                        && !superseded
                         && let Some(ino) = ns.find(&entry.key)
                         && let Some(inode) = ns.get_mut(ino)
                         && inode.kind() == *kind
@@ -448,16 +458,10 @@ impl Filesystem {
                 }
                 // A newer put or delete of the same key covers a change that failed: drop it
                 // (and its cache file, if nothing else needs it) instead of retrying.
-                let covered = self.journal().latest(&entry.key).is_some_and(|newer| {
-                    newer.seq != seq
-                        && matches!(
-                            newer.change,
-                            Change::PutFile { .. }
-                                | Change::PutSymlink { .. }
-                                | Change::Copy { .. }
-                                | Change::Delete
-                        )
-                });
+                let covered = self
+                    .journal()
+                    .latest(&entry.key)
+                    .is_some_and(|newer| newer.seq != seq && newer.change.replaces_object());
                 if covered {
                     if let Err(err) = self.log(move |j| j.remove(seq)).await {
                         tracing::error!("could not drop a covered change from the log: {err}");
@@ -769,6 +773,13 @@ impl Filesystem {
         holder: Option<(Arc<FileData>, u64)>,
         partial: Option<Partial>,
     ) -> FsResult<()> {
+        let mut held = match &holder {
+            Some((data, _)) => Some(data.content.lock().await),
+            None => None,
+        };
+        // A rename or unlink of the key waits until the cache index has the new version: the
+        // index must not take it under a name that has moved on meanwhile.
+        let naming = self.naming.read().await;
         let later = self
             .journal()
             .latest(&entry.key)
@@ -781,8 +792,7 @@ impl Filesystem {
         // A partial file still changed: what it lacks is now the new version's (it was copied
         // there unchanged), so that becomes its base.
         let mut rebased = None;
-        if let Some((data, generation)) = &holder {
-            let mut content = data.content.lock().await;
+        if let (Some((data, generation)), Some(content)) = (&holder, held.as_mut()) {
             if content.cache_name == cache_file && content.generation == *generation && !later {
                 content.dirty = false;
                 content.etag = Some(etag.clone());
@@ -825,6 +835,7 @@ impl Filesystem {
             );
             blocking(move || cache.record(&key, &file, &etag, &present)).await?;
         }
+        drop((naming, held));
         if let Some((data, _)) = holder {
             self.drop_if_clean(&data).await;
         }
@@ -1063,7 +1074,7 @@ mod tests {
     use crate::fs::FsConfig;
     use crate::namespace::ROOT;
     use crate::store::memory::MemoryStore;
-    use crate::store::{ETag, StoreExt};
+    use crate::store::{ETag, PutOptions, Store, StoreExt};
 
     const MIB: u64 = 1 << 20;
 
@@ -1130,6 +1141,67 @@ mod tests {
 
         let (_, stored) = store.get_all("a").await.unwrap();
         assert_eq!(&stored[..], b"again");
+    }
+
+    /// A file renamed over one whose upload is on its way reads as itself after that upload
+    /// lands and before its own copy does (the stress test once read the old file's bytes).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_renamed_over_one_being_uploaded_reads_as_itself() {
+        use crate::store::faults::{FaultyStore, Op};
+        let memory = Arc::new(MemoryStore::new());
+        memory
+            .put(
+                "source",
+                Bytes::from_static(b"renamed"),
+                PutOptions::default(),
+            )
+            .await
+            .unwrap();
+        let faulty = Arc::new(FaultyStore::new(memory.clone()));
+        faulty.add_latency(Some(Op::Put), Duration::from_millis(300));
+        faulty.add_latency(Some(Op::Copy), Duration::from_millis(1500));
+        let cache_dir = tempfile::tempdir().unwrap();
+        let config = FsConfig {
+            writeback_delay: Duration::ZERO,
+            ..FsConfig::default()
+        };
+        let cache = Cache::open(cache_dir.path()).unwrap();
+        let fs = Arc::new(Filesystem::new(faulty.clone(), cache, config).unwrap());
+        fs.start_uploader();
+        fs.lookup(ROOT, "source".as_ref()).await.unwrap();
+        let flags = libc::O_WRONLY | libc::O_CREAT;
+        let (_, opened) = fs
+            .create(ROOT, "target".as_ref(), 0o644, 0o022, flags, 0, 0)
+            .await
+            .unwrap();
+        fs.write(opened.fh, 0, b"uploading").await.unwrap();
+        fs.release(opened.fh).await.unwrap();
+        while faulty.calls(Op::Put) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+
+        fs.rename(ROOT, "source".as_ref(), ROOT, "target".as_ref(), false)
+            .await
+            .unwrap();
+        // Left: the copy, and the delete of its source.
+        while fs.pending().changes > 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let attr = fs.lookup(ROOT, "target".as_ref()).await.unwrap();
+        let reading = fs.open(attr.ino, libc::O_RDONLY).await.unwrap();
+        let heads = faulty.calls(Op::Head);
+        let read = fs.read(reading.fh, 0, 64).await.unwrap();
+        assert_eq!(&read[..], b"renamed");
+        // Read from the renamed file's version at once: the mount did not take the upload that
+        // landed under the name for the renamed file's version, then find out with a HEAD.
+        assert_eq!(
+            faulty.calls(Op::Head),
+            heads,
+            "the read had to look the file up again"
+        );
+        fs.release(reading.fh).await.unwrap();
+        fs.drain(Some(Duration::from_secs(10))).await.unwrap();
+        assert_eq!(&memory.get_all("target").await.unwrap().1[..], b"renamed");
     }
 
     /// Deletes due together (an `rm -r`) reach the store in one request, not one each.
