@@ -2024,7 +2024,18 @@ impl Filesystem {
                         range: Some(piece.clone()),
                         if_match: etag,
                     };
-                    let got = self.store.get(&source, options).await?;
+                    let got = match self.store.get(&source, options.clone()).await {
+                        // A renamed file's copy landed, and its source went, while this asked:
+                        // the bytes are under the file's own name now.
+                        Err(err)
+                            if err.kind() == ErrorKind::NotFound
+                                && source != key
+                                && self.fetch_key(key) == key =>
+                        {
+                            self.store.get(key, options).await?
+                        }
+                        got => got?,
+                    };
                     let range = got.range.clone();
                     blocking(move || {
                         file.write_all_at(&got.body, range.start)?;
@@ -2642,6 +2653,60 @@ mod tests {
         let large = std::fs::File::create(dir.path().join("large")).unwrap();
         large.set_len(1 << 20).unwrap();
         assert_eq!(read_if_in_memory(&large, 0..(256 << 10)), None);
+    }
+
+    /// A renamed file's bytes are fetched from its pending copy's source; when the copy lands
+    /// and the source is deleted while that request is on its way, the bytes are fetched under
+    /// the file's own name (an append in the stress test failed with ENOENT). The race is played
+    /// here by putting the store in the state the copy and the delete leave while the request
+    /// waits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_append_racing_the_copy_of_a_renamed_file_finds_its_bytes() {
+        use crate::store::faults::{FaultyStore, Op};
+        let memory = Arc::new(MemoryStore::new());
+        let put = |key: &'static str| {
+            let memory = memory.clone();
+            async move {
+                memory
+                    .put(key, Bytes::from_static(b"contents"), PutOptions::default())
+                    .await
+                    .unwrap();
+            }
+        };
+        put("source").await;
+        let faulty = Arc::new(FaultyStore::new(memory.clone()));
+        let cache_dir = tempfile::tempdir().unwrap();
+        let config = FsConfig {
+            writeback_delay: Duration::ZERO,
+            ..FsConfig::default()
+        };
+        let cache = Cache::open(cache_dir.path()).unwrap();
+        let fs = Arc::new(Filesystem::new(faulty.clone(), cache, config).unwrap());
+        fs.start_uploader();
+        fs.lookup(ROOT, "source".as_ref()).await.unwrap();
+        fs.allow_uploads_until(Instant::now());
+        fs.rename(ROOT, "source".as_ref(), ROOT, "target".as_ref(), false)
+            .await
+            .unwrap();
+        let attr = fs.lookup(ROOT, "target".as_ref()).await.unwrap();
+
+        faulty.add_latency(Some(Op::Get), Duration::from_millis(500));
+        let appending = {
+            let fs = Arc::clone(&fs);
+            tokio::spawn(async move {
+                let opened = fs.open(attr.ino, libc::O_WRONLY).await?;
+                fs.write(opened.fh, 8, b"!").await?;
+                fs.release(opened.fh).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // What the copy and the delete of its source leave, then the uploader catching up.
+        put("target").await;
+        memory.delete("source").await.unwrap();
+        fs.allow_uploads_until(Instant::now() + Duration::from_secs(60));
+        appending.await.unwrap().unwrap();
+        fs.drain(Some(Duration::from_secs(10))).await.unwrap();
+        assert_eq!(&memory.get_all("target").await.unwrap().1[..], b"contents!");
     }
 
     /// The kernel sends a file's RELEASE after close() has returned, so it may arrive while the
