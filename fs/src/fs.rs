@@ -2575,6 +2575,18 @@ pub struct Statfs {
     pub name_max: u32,
 }
 
+/// A mount of `store` on a fresh cache directory, for unit tests (the uploader not started).
+#[cfg(test)]
+pub(crate) fn test_mount(
+    store: SharedStore,
+    config: FsConfig,
+) -> (Arc<Filesystem>, tempfile::TempDir) {
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(cache_dir.path()).unwrap();
+    let fs = Filesystem::new(store, cache, config).unwrap();
+    (Arc::new(fs), cache_dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2675,13 +2687,11 @@ mod tests {
         };
         put("source").await;
         let faulty = Arc::new(FaultyStore::new(memory.clone()));
-        let cache_dir = tempfile::tempdir().unwrap();
         let config = FsConfig {
             writeback_delay: Duration::ZERO,
             ..FsConfig::default()
         };
-        let cache = Cache::open(cache_dir.path()).unwrap();
-        let fs = Arc::new(Filesystem::new(faulty.clone(), cache, config).unwrap());
+        let (fs, _cache) = test_mount(faulty.clone(), config);
         fs.start_uploader();
         fs.lookup(ROOT, "source".as_ref()).await.unwrap();
         fs.allow_uploads_until(Instant::now());
@@ -2709,37 +2719,37 @@ mod tests {
         assert_eq!(&memory.get_all("target").await.unwrap().1[..], b"contents!");
     }
 
+    /// Creates `name`, writes it and closes it (FLUSH); its RELEASE comes a little later, in a
+    /// task of its own, as the kernel sends it.
+    async fn closed_then_released_later(
+        fs: &Arc<Filesystem>,
+        name: &str,
+        round: usize,
+    ) -> tokio::task::JoinHandle<()> {
+        let (_, opened) = fs
+            .create(ROOT, name.as_ref(), 0o644, 0, 0, 0, 0)
+            .await
+            .unwrap();
+        fs.write(opened.fh, 0, b"contents").await.unwrap();
+        fs.flush(opened.fh).await.unwrap();
+        let fs = Arc::clone(fs);
+        tokio::spawn(async move {
+            for _ in 0..round % 40 {
+                tokio::task::yield_now().await;
+            }
+            fs.release(opened.fh).await.unwrap();
+        })
+    }
+
     /// The kernel sends a file's RELEASE after close() has returned, so it may arrive while the
     /// next call removes the file: the release must not put the file's contents back in the
     /// change log under the name just removed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_release_racing_an_unlink_does_not_bring_the_file_back() {
-        let cache_dir = tempfile::tempdir().unwrap();
-        let fs = Arc::new(
-            Filesystem::new(
-                Arc::new(MemoryStore::new()),
-                Cache::open(cache_dir.path()).unwrap(),
-                FsConfig::default(),
-            )
-            .unwrap(),
-        );
+        let (fs, _cache) = test_mount(Arc::new(MemoryStore::new()), FsConfig::default());
         for round in 0..400 {
             let name = format!("f{round}");
-            let (_, opened) = fs
-                .create(ROOT, name.as_ref(), 0o644, 0, 0, 0, 0)
-                .await
-                .unwrap();
-            fs.write(opened.fh, 0, b"contents").await.unwrap();
-            fs.flush(opened.fh).await.unwrap();
-            let releasing = {
-                let fs = Arc::clone(&fs);
-                tokio::spawn(async move {
-                    for _ in 0..round % 40 {
-                        tokio::task::yield_now().await;
-                    }
-                    fs.release(opened.fh).await.unwrap();
-                })
-            };
+            let releasing = closed_then_released_later(&fs, &name, round).await;
             fs.unlink(ROOT, name.as_ref()).await.unwrap();
             releasing.await.unwrap();
             let pending = fs.journal().latest(&name).map(|e| e.change.clone());
@@ -2756,36 +2766,14 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_release_racing_a_rename_keeps_the_replaced_object_known() {
         let store = Arc::new(MemoryStore::new());
-        let cache_dir = tempfile::tempdir().unwrap();
-        let fs = Arc::new(
-            Filesystem::new(
-                store.clone(),
-                Cache::open(cache_dir.path()).unwrap(),
-                FsConfig::default(),
-            )
-            .unwrap(),
-        );
+        let (fs, _cache) = test_mount(store.clone(), FsConfig::default());
         for round in 0..400 {
             let (source, target) = (format!("s{round}"), format!("t{round}"));
             store
                 .put(&target, Bytes::from_static(b"old"), PutOptions::default())
                 .await
                 .unwrap();
-            let (_, opened) = fs
-                .create(ROOT, source.as_ref(), 0o644, 0, 0, 0, 0)
-                .await
-                .unwrap();
-            fs.write(opened.fh, 0, b"new").await.unwrap();
-            fs.flush(opened.fh).await.unwrap();
-            let releasing = {
-                let fs = Arc::clone(&fs);
-                tokio::spawn(async move {
-                    for _ in 0..round % 40 {
-                        tokio::task::yield_now().await;
-                    }
-                    fs.release(opened.fh).await.unwrap();
-                })
-            };
+            let releasing = closed_then_released_later(&fs, &source, round).await;
             fs.rename(ROOT, source.as_ref(), ROOT, target.as_ref(), false)
                 .await
                 .unwrap();

@@ -1105,13 +1105,11 @@ mod tests {
         let faulty = Arc::new(FaultyStore::new(memory.clone()));
         faulty.add_latency(Some(Op::Put), Duration::from_millis(300));
         faulty.add_latency(Some(Op::Copy), Duration::from_millis(1500));
-        let cache_dir = tempfile::tempdir().unwrap();
         let config = FsConfig {
             writeback_delay: Duration::ZERO,
             ..FsConfig::default()
         };
-        let cache = Cache::open(cache_dir.path()).unwrap();
-        let fs = Arc::new(Filesystem::new(faulty.clone(), cache, config).unwrap());
+        let (fs, _cache) = crate::fs::test_mount(faulty.clone(), config);
         fs.start_uploader();
         fs.lookup(ROOT, "source".as_ref()).await.unwrap();
         let flags = libc::O_WRONLY | libc::O_CREAT;
