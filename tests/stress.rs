@@ -4,8 +4,8 @@
 //!
 //! It runs for `CAIRN_STRESS_SECONDS` (default 60); `scripts/soak` runs it for 30 minutes and
 //! more. When a writer fails, the mount's whole log goes to the file `CAIRN_STRESS_KEEP_LOG`
-//! names, if set. The store goes away by a relay in front of the S3 server closing (moto keeps its
-//! objects in memory, so a real restart would lose them).
+//! names, if set. The store goes away by a relay in front of the S3 server closing (moto keeps
+//! its objects in memory, so a real restart would lose them).
 
 mod common;
 
