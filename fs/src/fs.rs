@@ -2193,7 +2193,11 @@ impl Filesystem {
                 }
                 None => std::fs::copy(&path, &copy),
             };
-            let replaced = copied.and_then(|_| std::fs::rename(&copy, &path));
+            // The directory is synced too: an fsync of the file (fsync=local) must find the
+            // copy under the cache file's name after a power loss.
+            let replaced = copied
+                .and_then(|_| std::fs::rename(&copy, &path))
+                .and_then(|()| File::open(path.parent().unwrap_or(&path))?.sync_all());
             if let Err(err) = replaced {
                 let _ = std::fs::remove_file(&copy);
                 return Err(err.into());
