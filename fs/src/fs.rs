@@ -2186,16 +2186,9 @@ impl Filesystem {
         let copy = self.cache.snapshot_path();
         let spans = content.partial().map(|_| content.present.clone());
         let file = blocking(move || {
-            let copied = match &spans {
-                Some(spans) => {
-                    let len = std::fs::metadata(&path)?.len();
-                    upload::copy_spans(&path, &copy, len, spans)
-                }
-                None => std::fs::copy(&path, &copy),
-            };
             // The directory is synced too: an fsync of the file (fsync=local) must find the
             // copy under the cache file's name after a power loss.
-            let replaced = copied
+            let replaced = upload::copy_cache_file(&path, &copy, spans.as_ref())
                 .and_then(|_| std::fs::rename(&copy, &path))
                 .and_then(|()| File::open(path.parent().unwrap_or(&path))?.sync_all());
             if let Err(err) = replaced {

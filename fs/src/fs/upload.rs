@@ -45,12 +45,7 @@ struct Snapshot {
 
 /// Copies the `spans` of `source` (below `size`) into a new file `target` of `size` bytes,
 /// leaving the rest as holes; returns `size`.
-pub(super) fn copy_spans(
-    source: &Path,
-    target: &Path,
-    size: u64,
-    spans: &RangeSet,
-) -> std::io::Result<u64> {
+fn copy_spans(source: &Path, target: &Path, size: u64, spans: &RangeSet) -> std::io::Result<u64> {
     use std::os::unix::fs::FileExt;
     const CHUNK: u64 = 1 << 20;
     let from = std::fs::File::open(source)?;
@@ -67,6 +62,25 @@ pub(super) fn copy_spans(
         }
     }
     Ok(size)
+}
+
+/// Copies cache file `from` to `to`: only its `spans` for a partial file (the rest holes),
+/// else all of it. Returns the copy's length; a failed copy leaves nothing behind.
+pub(super) fn copy_cache_file(
+    from: &Path,
+    to: &Path,
+    spans: Option<&RangeSet>,
+) -> std::io::Result<u64> {
+    let copied = match spans {
+        Some(spans) => {
+            std::fs::metadata(from).and_then(|meta| copy_spans(from, to, meta.len(), spans))
+        }
+        None => std::fs::copy(from, to),
+    };
+    if copied.is_err() {
+        let _ = std::fs::remove_file(to);
+    }
+    copied
 }
 
 /// Evicted beyond what a write or read needs, so the next ones find room.
@@ -527,13 +541,7 @@ impl Filesystem {
         let target = self.cache.snapshot_path();
         let (from, to, spans) = (source, target.clone(), partial.clone());
         let copied = blocking(move || {
-            let copied = match &spans {
-                Some(partial) => {
-                    let len = std::fs::metadata(&from).map_or(0, |m| m.len());
-                    copy_spans(&from, &to, len, &partial.changed)
-                }
-                None => std::fs::copy(&from, &to),
-            };
+            let copied = copy_cache_file(&from, &to, spans.as_ref().map(|p| &p.changed));
             match copied.and_then(|size| Ok((std::fs::File::open(&to)?, size))) {
                 Ok(opened) => Ok(Some(opened)),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
