@@ -485,6 +485,17 @@ impl Journal {
     /// Entries that may start now: due, not started, and with no earlier related entry still
     /// pending. At most `limit`.
     pub fn take_runnable(&mut self, now: SystemTime, limit: usize) -> Vec<Entry> {
+        self.take_runnable_where(now, limit, |_| true)
+    }
+
+    /// [`Journal::take_runnable`] of the entries `wanted` picks (the others still hold back
+    /// the entries related to them).
+    pub fn take_runnable_where(
+        &mut self,
+        now: SystemTime,
+        limit: usize,
+        wanted: impl Fn(&Entry) -> bool,
+    ) -> Vec<Entry> {
         let mut picked = Vec::new();
         let mut blocked: Vec<&Entry> = Vec::new();
         for entry in self.entries.values() {
@@ -492,7 +503,10 @@ impl Journal {
                 break;
             }
             let waiting = blocked.iter().any(|b| b.related(entry));
-            let ready = !waiting && !self.in_flight.contains(&entry.seq) && entry.not_before <= now;
+            let ready = !waiting
+                && !self.in_flight.contains(&entry.seq)
+                && entry.not_before <= now
+                && wanted(entry);
             if ready {
                 picked.push(entry.clone());
             }

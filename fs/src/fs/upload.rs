@@ -83,6 +83,9 @@ pub(super) fn copy_cache_file(
     copied
 }
 
+/// The most deletes one request applies (S3's limit for DeleteObjects).
+const DELETE_BATCH: usize = 1000;
+
 /// Evicted beyond what a write or read needs, so the next ones find room.
 const ROOM_SLACK: u64 = 8 << 20;
 
@@ -156,25 +159,35 @@ impl Filesystem {
         loop {
             // While the store is failing, one change at a time probes it: no point in eight
             // snapshots and eight failures at once.
-            let limit = if self.status().failing {
+            let failing = self.status().failing;
+            let limit = if failing {
                 1
             } else {
                 self.config.uploads_in_flight
             };
             let room = limit.saturating_sub(in_flight.load(Ordering::Acquire));
-            let batch = if room > 0 && self.may_upload() {
-                self.journal().take_runnable(SystemTime::now(), room)
-            } else {
-                Vec::new()
-            };
+            let (mut batch, mut deletes) = (Vec::new(), Vec::new());
+            if room > 0 && self.may_upload() {
+                let now = SystemTime::now();
+                let mut journal = self.journal();
+                // Deletes due together go in one request (an `rm -r` records hundreds at once).
+                let most = if failing { 1 } else { DELETE_BATCH };
+                deletes = journal.take_runnable_where(now, most, |e| e.change == Change::Delete);
+                let room = room - usize::from(!deletes.is_empty());
+                batch = journal.take_runnable(now, room);
+            }
+            if deletes.len() == 1 {
+                batch.append(&mut deletes);
+            }
+            if !deletes.is_empty() {
+                let fs = Arc::clone(&self);
+                self.spawn_counted(&in_flight, async move { fs.apply_deletes(deletes).await });
+            }
             for entry in batch {
-                in_flight.fetch_add(1, Ordering::AcqRel);
-                let (fs, counter) = (Arc::clone(&self), Arc::clone(&in_flight));
-                tokio::spawn(async move {
+                let fs = Arc::clone(&self);
+                self.spawn_counted(&in_flight, async move {
                     let outcome = fs.apply(&entry).await;
                     fs.settle(entry, outcome).await;
-                    counter.fetch_sub(1, Ordering::AcqRel);
-                    fs.wake.notify_one();
                 });
             }
             if last_tick.elapsed() >= Duration::from_secs(1) {
@@ -333,6 +346,48 @@ impl Filesystem {
                     stored: None,
                 })
             }
+        }
+    }
+
+    /// Runs `work` as one of the uploader's requests in flight, and wakes the uploader after.
+    fn spawn_counted(
+        self: &Arc<Self>,
+        in_flight: &Arc<AtomicUsize>,
+        work: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        in_flight.fetch_add(1, Ordering::AcqRel);
+        let (fs, counter) = (Arc::clone(self), Arc::clone(in_flight));
+        tokio::spawn(async move {
+            work.await;
+            counter.fetch_sub(1, Ordering::AcqRel);
+            fs.wake.notify_one();
+        });
+    }
+
+    /// Applies deletes of several keys with one request, and settles each.
+    async fn apply_deletes(&self, deletes: Vec<Entry>) {
+        let keys: Vec<String> = deletes.iter().map(|e| e.key.clone()).collect();
+        let deleted = self.store.delete_many(&keys).await;
+        if let Err(err) = &deleted
+            && !err.kind().is_retryable()
+        {
+            // A store without multi-object deletes (or refusing this one): one at a time.
+            tracing::warn!("deleting {} keys in one request: {err}", keys.len());
+            for entry in deletes {
+                let outcome = self.apply(&entry).await;
+                self.settle(entry, outcome).await;
+            }
+            return;
+        }
+        for entry in deletes {
+            let outcome = match &deleted {
+                Ok(()) => Ok(Applied::Done {
+                    bytes: 0,
+                    stored: None,
+                }),
+                Err(err) => Err(FsError::Store(err.clone())),
+            };
+            self.settle(entry, outcome).await;
         }
     }
 
@@ -1153,6 +1208,45 @@ mod tests {
         fs.release(reading.fh).await.unwrap();
         fs.drain(Some(Duration::from_secs(10))).await.unwrap();
         assert_eq!(&memory.get_all("target").await.unwrap().1[..], b"renamed");
+    }
+
+    /// Deletes due together (an `rm -r`) reach the store in one request, not one each.
+    #[tokio::test]
+    async fn deletes_due_together_go_in_one_request() {
+        use crate::store::faults::{FaultyStore, Op};
+        let memory = Arc::new(MemoryStore::new());
+        let faulty = Arc::new(FaultyStore::new(memory.clone()));
+        let cache_dir = tempfile::tempdir().unwrap();
+        let config = FsConfig {
+            writeback_delay: Duration::ZERO,
+            ..FsConfig::default()
+        };
+        let cache = Cache::open(cache_dir.path()).unwrap();
+        let fs = Arc::new(Filesystem::new(faulty.clone(), cache, config).unwrap());
+        fs.start_uploader();
+        let flags = libc::O_WRONLY | libc::O_CREAT;
+        for n in 0..50 {
+            let name = format!("f{n}");
+            let (_, opened) = fs
+                .create(ROOT, name.as_ref(), 0o644, 0o022, flags, 0, 0)
+                .await
+                .unwrap();
+            fs.write(opened.fh, 0, b"x").await.unwrap();
+            fs.release(opened.fh).await.unwrap();
+        }
+        fs.drain(Some(Duration::from_secs(10))).await.unwrap();
+        assert_eq!(memory.list_all("", false).await.unwrap().objects.len(), 50);
+
+        // Held back while the files are removed, as a busy uploader would be.
+        fs.allow_uploads_until(Instant::now());
+        for n in 0..50 {
+            fs.unlink(ROOT, format!("f{n}").as_ref()).await.unwrap();
+        }
+        fs.allow_uploads_until(Instant::now() + Duration::from_secs(60));
+        fs.drain(Some(Duration::from_secs(10))).await.unwrap();
+        assert!(memory.list_all("", false).await.unwrap().objects.is_empty());
+        assert_eq!(faulty.calls(Op::Delete), 0);
+        assert_eq!(faulty.calls(Op::DeleteMany), 1);
     }
 
     /// The upload reads the cache file itself; a write while it does moves the file to a copy
