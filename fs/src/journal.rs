@@ -8,7 +8,8 @@
 //! of its directory's marker). A delete of a key the store never had removes the pending entry
 //! instead: a file written then deleted before upload never reaches the store.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::ops::Bound;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -184,8 +185,9 @@ impl Entry {
     }
 
     /// Whether two entries must be applied in order: they touch the same key, or one key is a
-    /// directory above the other.
-    pub fn related(&self, other: &Entry) -> bool {
+    /// directory above the other. (The uploader asks [`EarlierKeys`], which answers the same.)
+    #[cfg(test)]
+    fn related(&self, other: &Entry) -> bool {
         self.keys().any(|a| {
             other
                 .keys()
@@ -194,7 +196,35 @@ impl Entry {
     }
 }
 
+/// The keys of the entries met so far in [`Journal::take_runnable_where`]'s walk.
+#[derive(Default)]
+struct EarlierKeys<'a>(BTreeSet<&'a str>);
+
+impl<'a> EarlierKeys<'a> {
+    fn add(&mut self, entry: &'a Entry) {
+        self.0.extend(entry.keys());
+    }
+
+    /// Whether an earlier entry touches `key`, a directory above it, or a key inside it: the
+    /// relation [`Entry::related`] tests pair by pair.
+    fn holds_back(&self, key: &str) -> bool {
+        let same_or_above = key
+            .match_indices('/')
+            .map(|(at, _)| &key[..at])
+            .chain(std::iter::once(key))
+            .any(|k| self.0.contains(k));
+        let inside = format!("{key}/");
+        let below = self
+            .0
+            .range::<str, _>((Bound::Included(inside.as_str()), Bound::Unbounded))
+            .next()
+            .is_some_and(|k| k.starts_with(&inside));
+        same_or_above || below
+    }
+}
+
 /// Whether `key` lies inside directory `dir`.
+#[cfg(test)]
 fn is_below(key: &str, dir: &str) -> bool {
     key.len() > dir.len() && key.starts_with(dir) && key.as_bytes()[dir.len()] == b'/'
 }
@@ -496,21 +526,25 @@ impl Journal {
         limit: usize,
         wanted: impl Fn(&Entry) -> bool,
     ) -> Vec<Entry> {
+        let candidate =
+            |e: &Entry| e.not_before <= now && !self.in_flight.contains(&e.seq) && wanted(e);
+        // The walk ends after the last candidate: later entries hold back nothing before them.
+        let mut candidates_left = self.entries.values().filter(|e| candidate(e)).count();
         let mut picked = Vec::new();
-        let mut blocked: Vec<&Entry> = Vec::new();
+        // Every earlier entry holds back the later ones related to it; indexed by key, so that
+        // thousands of waiting changes (a big untar) cost a lookup each, not a scan each.
+        let mut earlier = EarlierKeys::default();
         for entry in self.entries.values() {
-            if picked.len() >= limit {
+            if picked.len() >= limit || candidates_left == 0 {
                 break;
             }
-            let waiting = blocked.iter().any(|b| b.related(entry));
-            let ready = !waiting
-                && !self.in_flight.contains(&entry.seq)
-                && entry.not_before <= now
-                && wanted(entry);
-            if ready {
-                picked.push(entry.clone());
+            if candidate(entry) {
+                candidates_left -= 1;
+                if !entry.keys().any(|key| earlier.holds_back(key)) {
+                    picked.push(entry.clone());
+                }
             }
-            blocked.push(entry);
+            earlier.add(entry);
         }
         for entry in &picked {
             self.in_flight.insert(entry.seq);
@@ -600,6 +634,46 @@ mod tests {
 
     fn now() -> SystemTime {
         SystemTime::now()
+    }
+
+    /// The key index the uploader's walk uses holds back exactly what the pairwise relation
+    /// says, for keys that share prefixes with and without a '/' between.
+    #[test]
+    fn earlier_keys_hold_back_what_is_related() {
+        let keys = [
+            "", "a", "a/b", "a/b/c", "a/bc", "a-b", "a.b", "ab", "a/b/c/d", "b", "b/a", "a/b-c",
+        ];
+        let entry = |key: &str, change: Change| Entry {
+            seq: 0,
+            key: key.into(),
+            change,
+            existed: false,
+            not_before: now(),
+        };
+        let mut entries: Vec<Entry> = keys.iter().map(|k| entry(k, Change::Delete)).collect();
+        for (to, from) in [("b/a", "a/b"), ("ab", "a.b"), ("a/bc", "b")] {
+            let copy = Change::Copy {
+                from: from.into(),
+                etag: "e".into(),
+                size: 1,
+                attrs: attrs(),
+            };
+            entries.push(entry(to, copy));
+        }
+        for first in &entries {
+            let mut earlier = EarlierKeys::default();
+            earlier.add(first);
+            for later in &entries {
+                let held = later.keys().any(|key| earlier.holds_back(key));
+                assert_eq!(
+                    held,
+                    first.related(later),
+                    "{:?} then {:?}",
+                    first.keys().collect::<Vec<_>>(),
+                    later.keys().collect::<Vec<_>>()
+                );
+            }
+        }
     }
 
     #[test]
