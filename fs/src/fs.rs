@@ -8,6 +8,7 @@
 //! local cache and to the change log ([`crate::journal`]) and return at local speed; the
 //! uploader ([`upload`]) applies the log to the store in order, in the background.
 
+mod listings;
 mod readahead;
 mod upload;
 
@@ -34,7 +35,8 @@ use crate::metrics::Metrics;
 use crate::namespace::{Inode, Namespace, ROOT, Remote};
 use crate::store::metered::MeteredStore;
 use crate::store::{
-    ErrorKind, GetOptions, ListOptions, MAX_KEY_LEN, ObjectInfo, PutOptions, SharedStore, StoreExt,
+    ErrorKind, GetOptions, ListOptions, ListPage, MAX_KEY_LEN, ObjectInfo, PutOptions, SharedStore,
+    StoreExt,
 };
 
 pub use upload::{Pending, Status};
@@ -249,6 +251,8 @@ pub struct Filesystem {
     /// the mount knows without asking it again (so a store that stops answering does not make
     /// every new name wait out its timeouts).
     store_down_until: Arc<Mutex<Option<Instant>>>,
+    /// Pages of directories listed along with a directory above them (see `listings`).
+    listings: Mutex<listings::Listings>,
 }
 
 /// How long after the store failed to answer lookups and listings stop asking it; then one
@@ -383,6 +387,7 @@ impl Filesystem {
             next_fh: AtomicU64::new(1),
             journal: Arc::new(Mutex::new(journal)),
             naming: tokio::sync::RwLock::new(()),
+            listings: Mutex::default(),
             files: tokio::sync::Mutex::new(HashMap::new()),
             progress: Notify::new(),
             wake: Notify::new(),
@@ -491,8 +496,18 @@ impl Filesystem {
             SystemTime::now()
         };
         let key = key.to_string();
-        self.log(move |j| j.record(&key, change, store_has, due))
-            .await
+        self.listings().changed(&key);
+        let recorded = {
+            let key = key.clone();
+            self.log(move |j| j.record(&key, change, store_has, due))
+                .await
+        };
+        self.listings().changed(&key);
+        recorded
+    }
+
+    fn listings(&self) -> MutexGuard<'_, listings::Listings> {
+        self.listings.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn writable(&self) -> FsResult<()> {
@@ -756,12 +771,11 @@ impl Filesystem {
                 // if not listed; a known one is confirmed if listed as it was), where asking per
                 // name would take three requests for a new name and one for a known one: an
                 // untar, a batch of new files, a `stat` of each file cost a listing per TTL.
-                let started = Instant::now();
-                if let Ok(names) = self.entries_of(parent).await {
+                if let Ok((names, listed_at)) = self.entries_of(parent).await {
                     let names = Arc::new(names);
                     let mut ns = self.ns();
                     if let Some(dir) = ns.get_mut(parent) {
-                        dir.listed_at = Some(started);
+                        dir.listed_at = Some(listed_at);
                         dir.listed_names = names.len();
                         dir.listed_kinds = Some(Arc::clone(&names));
                     }
@@ -1164,7 +1178,7 @@ impl Filesystem {
     /// The names, and kinds, of a directory's entries as this mount sees them: the store's
     /// listing with the pending changes applied. With the store unreachable, the last listing
     /// this mount made (if any) stands in for it.
-    async fn entries_of(&self, ino: u64) -> FsResult<HashMap<String, Kind>> {
+    async fn entries_of(&self, ino: u64) -> FsResult<(HashMap<String, Kind>, Instant)> {
         let (prefix, listed_before) = {
             let ns = self.ns();
             let inode = ns.get(ino).ok_or(FsError::NotFound)?;
@@ -1174,23 +1188,44 @@ impl Filesystem {
             (ns.dir_prefix(ino).ok_or(FsError::NotFound)?, inode.listed)
         };
         let mut names: HashMap<String, Kind> = HashMap::new();
-        // Pending changes as they stand before the listing: one the uploader applies while the
-        // listing runs may be missing from both the listing and the log afterwards.
-        let pending_before = self.pending_children(&prefix);
-        let listed = if self.store_seems_down() {
-            Err(store_down())
-        } else {
-            let listed = tokio::time::timeout(METADATA_BUDGET, self.store.list_all(&prefix, true))
-                .await
-                .unwrap_or_else(|_| Err(store_down()));
-            self.note_store_reached(
-                !matches!(&listed, Err(err) if err.kind() == ErrorKind::Timeout),
-            );
-            listed
+        let kept = self.listings().take(&prefix, self.config.metadata_ttl);
+        let (listed, pending_before, listed_at) = match kept {
+            Some(kept) => (Ok(kept.page), kept.pending, kept.at),
+            None => {
+                let started = Instant::now();
+                // Pending changes as they stand before the listing: one the uploader applies
+                // while the listing runs may be missing from both the listing and the log after.
+                // (The count of recorded changes is read first: see `Listings::keep`.)
+                let (flat, generation) = {
+                    let listings = self.listings();
+                    (!listings.is_too_big(&prefix), listings.generation())
+                };
+                let pending_below: Vec<(String, Option<Kind>)> = self
+                    .journal()
+                    .below(&prefix)
+                    .filter(|e| flat || !e.key[prefix.len()..].contains('/'))
+                    .map(|e| (e.key.clone(), e.change.outcome().map(|(kind, _)| kind)))
+                    .collect();
+                let listed = if self.store_seems_down() {
+                    Err(store_down())
+                } else {
+                    let at = (started, generation);
+                    let listing = self.list_store(&prefix, at, flat.then_some(&pending_below));
+                    let listed = tokio::time::timeout(METADATA_BUDGET, listing)
+                        .await
+                        .unwrap_or_else(|_| Err(store_down()));
+                    self.note_store_reached(
+                        !matches!(&listed, Err(err) if err.kind() == ErrorKind::Timeout),
+                    );
+                    listed
+                };
+                let pending_before = listings::children_of(&prefix, &pending_below);
+                (listed, pending_before, started)
+            }
         };
         match listed {
             Ok(listed) => {
-                self.confirm_children(ino, &prefix, &listed);
+                self.confirm_children(ino, &prefix, &listed, listed_at);
                 for prefix_entry in &listed.prefixes {
                     let name = prefix_entry[prefix.len()..].trim_end_matches('/');
                     if check_new_name(OsStr::new(name)).is_ok() {
@@ -1235,14 +1270,59 @@ impl Filesystem {
                 names.entry(name.clone()).or_insert(inode.kind());
             }
         }
-        Ok(names)
+        Ok((names, listed_at))
     }
 
-    /// A listing of `dir` just showed these names as the mount knows them (the same version of
-    /// a file, a directory as a directory): trust them afresh, so that the lookups of an
-    /// `ls -l` or `rm -r` that follows need not ask the store about each name again.
-    fn confirm_children(&self, dir: u64, prefix: &str, listed: &crate::store::ListPage) {
-        let now = Instant::now();
+    /// Lists directory `prefix` in the store. With `pending_below` (the changes pending below
+    /// it when the listing started, `at` a time and a count of recorded changes), first without
+    /// a delimiter: if everything below fits in [`listings::FLAT_LIMIT`] keys, that one listing
+    /// answers for the directories inside too.
+    async fn list_store(
+        &self,
+        prefix: &str,
+        at: (Instant, u64),
+        pending_below: Option<&Vec<(String, Option<Kind>)>>,
+    ) -> crate::store::Result<ListPage> {
+        if let Some(pending) = pending_below {
+            let mut objects = Vec::new();
+            let mut continuation = None;
+            loop {
+                let options = ListOptions {
+                    delimited: false,
+                    continuation,
+                    max_keys: None,
+                };
+                let page = self.store.list(prefix, options).await?;
+                objects.extend(page.objects);
+                match page.next {
+                    None => {
+                        let mut pages = listings::split_flat(prefix, objects);
+                        let own = pages.remove(prefix).unwrap_or_default();
+                        let ttl = self.config.metadata_ttl;
+                        self.listings().keep(at, pages, pending, ttl);
+                        return Ok(own);
+                    }
+                    Some(next) if objects.len() < listings::FLAT_LIMIT => {
+                        continuation = Some(next);
+                    }
+                    Some(_) => break,
+                }
+            }
+            self.listings().mark_too_big(prefix);
+        }
+        self.store.list_all(prefix, true).await
+    }
+
+    /// A listing of `dir` made `at` showed these names as the mount knows them (the same
+    /// version of a file, a directory as a directory): trust them afresh, so that the lookups
+    /// of an `ls -l` or `rm -r` that follows need not ask the store about each name again.
+    fn confirm_children(
+        &self,
+        dir: u64,
+        prefix: &str,
+        listed: &crate::store::ListPage,
+        at: Instant,
+    ) {
         let mut ns = self.ns();
         for object in &listed.objects {
             let name = &object.key[prefix.len()..];
@@ -1256,7 +1336,7 @@ impl Filesystem {
                     .as_ref()
                     .is_some_and(|r| r.etag == object.etag && r.size == object.size)
             {
-                inode.checked = now;
+                inode.checked = inode.checked.max(at);
             }
         }
         for dir_prefix in &listed.prefixes {
@@ -1265,7 +1345,7 @@ impl Filesystem {
                 && let Some(inode) = ns.get_mut(child)
                 && inode.kind() == Kind::Dir
             {
-                inode.checked = now;
+                inode.checked = inode.checked.max(at);
             }
         }
     }
@@ -1305,7 +1385,7 @@ impl Filesystem {
                 .pending_children(&format!("{key}/"))
                 .iter()
                 .all(|(_, kind)| kind.is_none()),
-            _ => self.entries_of(ino).await?.is_empty(),
+            _ => self.entries_of(ino).await?.0.is_empty(),
         };
         if !empty {
             return Err(FsError::NotEmpty);
@@ -1350,7 +1430,7 @@ impl Filesystem {
             }
             let target_kind = self.attr(target)?.kind;
             match (source_kind, target_kind) {
-                (Kind::Dir, Kind::Dir) if !self.entries_of(target).await?.is_empty() => {
+                (Kind::Dir, Kind::Dir) if !self.entries_of(target).await?.0.is_empty() => {
                     return Err(FsError::NotEmpty);
                 }
                 (Kind::Dir, Kind::Dir) => {}
@@ -1412,22 +1492,31 @@ impl Filesystem {
         }
         let (cache, from, to) = (self.cache.clone(), source_key.clone(), target_key.clone());
         blocking(move || cache.rename(&from, &to, false)).await?;
-        self.log(move |j| {
-            if matches!(moved, Change::Copy { .. }) {
-                // The copy must come before the delete of its source: take the source's
-                // waiting change (its attributes are in the copy) out of the way.
-                j.discard(&source_key)?;
-            }
-            j.record(&target_key, moved, target_in_store, SystemTime::now())?;
-            j.record(
-                &source_key,
-                Change::Delete,
-                source_in_store,
-                SystemTime::now(),
-            )?;
-            Ok(())
-        })
-        .await
+        let changed = [source_key.clone(), target_key.clone()];
+        for key in &changed {
+            self.listings().changed(key);
+        }
+        let recorded = self
+            .log(move |j| {
+                if matches!(moved, Change::Copy { .. }) {
+                    // The copy must come before the delete of its source: take the source's
+                    // waiting change (its attributes are in the copy) out of the way.
+                    j.discard(&source_key)?;
+                }
+                j.record(&target_key, moved, target_in_store, SystemTime::now())?;
+                j.record(
+                    &source_key,
+                    Change::Delete,
+                    source_in_store,
+                    SystemTime::now(),
+                )?;
+                Ok(())
+            })
+            .await;
+        for key in &changed {
+            self.listings().changed(key);
+        }
+        recorded
     }
 
     /// What a renamed file becomes at its new key: its local version (contents in a cache file,
@@ -1530,6 +1619,8 @@ impl Filesystem {
     /// reader elsewhere may see both trees, or part of the new one, while it runs.
     async fn rename_dir(&self, from: &str, to: &str) -> FsResult<()> {
         let (from, to) = (format!("{from}/"), format!("{to}/"));
+        // Pages kept from a listing of a tree above would still show the old names.
+        self.listings().clear();
         let listed = self.store.list_all(&from, false).await?;
         let keys: Vec<String> = listed.objects.into_iter().map(|o| o.key).collect();
         let copies: Vec<(String, String)> = keys
@@ -1553,6 +1644,7 @@ impl Filesystem {
             self.store.put(&to, Bytes::new(), options).await?;
         }
         self.store.delete_many(&keys).await?;
+        self.listings().clear();
         Ok(())
     }
 
@@ -1591,11 +1683,12 @@ impl Filesystem {
     /// The entries of directory `ino`, "." and ".." first: one listing of the store (unless
     /// one made within the TTL still stands), each entry's attributes fetched in parallel.
     async fn list_dir(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
-        let started = Instant::now();
         let lately = self.listed_lately(ino);
         let from_store = lately.is_none();
-        let names = match lately {
-            Some(names) => names,
+        // When the listing was made (the store's answer may come from a listing of a
+        // directory above, made a moment ago).
+        let (names, started) = match lately {
+            Some(names) => (names, Instant::now()),
             None => self.entries_of(ino).await?,
         };
         let mut entries: Vec<DirEntry> = stream::iter(names)
@@ -2643,6 +2736,60 @@ mod tests {
             .map(|e| e.name)
             .collect();
         assert_eq!(names, [".", "..", "a", "b", "c"]);
+    }
+
+    /// The names of directory `ino`, as a read of it shows them.
+    async fn names_in(fs: &Filesystem, ino: u64) -> Vec<String> {
+        let fh = fs.opendir(ino).await.unwrap();
+        let entries = fs.readdir(fh, 0).await.unwrap();
+        fs.releasedir(fh);
+        entries.into_iter().skip(2).map(|e| e.name).collect()
+    }
+
+    /// Reading a small tree (an `ls -R`, an `rm -rf`) lists the store once: the directories
+    /// inside are answered from that listing within the TTL. A directory made inside after the
+    /// listing shows, even once its marker is in the store (and so out of the change log).
+    #[tokio::test]
+    async fn a_small_tree_is_listed_once() {
+        use crate::store::faults::{FaultyStore, Op};
+        let memory = Arc::new(MemoryStore::new());
+        for key in ["t/a/x", "t/a/y", "t/b/z", "t/b/c/w", "t/top"] {
+            let body = Bytes::from_static(b"x");
+            memory.put(key, body, PutOptions::default()).await.unwrap();
+        }
+        let faulty = Arc::new(FaultyStore::new(memory.clone()));
+        let config = FsConfig {
+            metadata_ttl: Duration::from_secs(60),
+            writeback_delay: Duration::ZERO,
+            ..FsConfig::default()
+        };
+        let (fs, _cache) = test_mount(faulty.clone(), config);
+        fs.start_uploader();
+        let tree = fs.lookup(ROOT, "t".as_ref()).await.unwrap().ino;
+        assert_eq!(names_in(&fs, tree).await, ["a", "b", "top"]);
+        let lists = faulty.calls(Op::List);
+        let (a, b) = (
+            fs.lookup(tree, "a".as_ref()).await.unwrap().ino,
+            fs.lookup(tree, "b".as_ref()).await.unwrap().ino,
+        );
+        assert_eq!(names_in(&fs, b).await, ["c", "z"]);
+        let c = fs.lookup(b, "c".as_ref()).await.unwrap().ino;
+        assert_eq!(names_in(&fs, c).await, ["w"]);
+        assert_eq!(
+            faulty.calls(Op::List),
+            lists,
+            "inner directories listed again"
+        );
+
+        fs.mkdir(a, "new".as_ref(), 0o755, 0o022, 0, 0)
+            .await
+            .unwrap();
+        fs.drain(Some(Duration::from_secs(10))).await.unwrap();
+        assert!(
+            memory.head("t/a/new/").await.is_ok(),
+            "the marker is in the store"
+        );
+        assert_eq!(names_in(&fs, a).await, ["new", "x", "y"]);
     }
 
     /// Bytes the page cache holds are read on the spot; a read past the end, or a large one,

@@ -604,6 +604,14 @@ impl Journal {
             .filter_map(|(_, seqs)| seqs.last().and_then(|s| self.entries.get(s)))
     }
 
+    /// Pending changes of every key below directory `prefix` ("" or "dir/"), at any depth.
+    pub fn below<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a Entry> + 'a {
+        self.by_key
+            .iter()
+            .filter(move |(key, _)| key.len() > prefix.len() && key.starts_with(prefix))
+            .filter_map(|(_, seqs)| seqs.last().and_then(|s| self.entries.get(s)))
+    }
+
     /// Forces the journal to disk (fsync=local).
     pub fn sync(&self) -> FsResult<()> {
         self.db.execute_batch("PRAGMA wal_checkpoint(FULL);")?;
