@@ -2299,6 +2299,27 @@ impl Filesystem {
         Ok(())
     }
 
+    /// A read answered on the spot, with no task and no blocking thread, where it can be: the
+    /// file's lock is free, the cache file holds every stored byte from `offset` on (nothing to
+    /// fetch or read ahead), and the page cache holds the bytes asked for. `None`: ask
+    /// [`Filesystem::read`].
+    pub fn read_at_once(&self, fh: u64, offset: u64, size: u32) -> Option<Bytes> {
+        let ino = self.handle_ino(fh).ok()?;
+        let data = self.ns().get(ino)?.file.clone()?;
+        let content = data.content.try_lock().ok()?;
+        let end = (offset + u64::from(size)).min(data.size.load(Ordering::Acquire));
+        let limit = content.remote_limit;
+        if offset >= end || (offset < limit && !content.present.contains(offset..limit)) {
+            return None;
+        }
+        let file = Arc::clone(&content.file);
+        drop(content);
+        let bytes = read_if_in_memory(&file, offset..end)?;
+        self.readahead(fh, offset, u64::from(size));
+        self.metrics.cache_read(true);
+        Some(Bytes::from(bytes))
+    }
+
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
         let ino = self.handle_ino(fh)?;
         let data = self.file_data(ino).await?;
@@ -2790,6 +2811,38 @@ mod tests {
             "the marker is in the store"
         );
         assert_eq!(names_in(&fs, a).await, ["new", "x", "y"]);
+    }
+
+    /// A read is answered on the spot only once the cache file holds what it asks for (and all
+    /// the stored bytes after it): before, it goes the long way, which fetches.
+    #[tokio::test]
+    async fn a_read_is_answered_at_once_only_from_the_cache_file() {
+        let memory = Arc::new(MemoryStore::new());
+        let bytes: Vec<u8> = (0..8 << 20).map(|i| (i % 251) as u8).collect();
+        let body = Bytes::from(bytes.clone());
+        memory
+            .put("big", body, PutOptions::default())
+            .await
+            .unwrap();
+        let (fs, _cache) = test_mount(memory, FsConfig::default());
+        let ino = fs.lookup(ROOT, "big".as_ref()).await.unwrap().ino;
+        let fh = fs.open(ino, libc::O_RDONLY).await.unwrap().fh;
+        let tail = fs.read(fh, 7 << 20, 4096).await.unwrap();
+        assert_eq!(&tail[..], &bytes[7 << 20..(7 << 20) + 4096]);
+        // The cache file now reaches past offset 0, a hole there.
+        assert!(
+            fs.read_at_once(fh, 0, 4096).is_none(),
+            "the start is not cached"
+        );
+        let mut at = 0;
+        while at < bytes.len() {
+            at += fs.read(fh, at as u64, 128 << 10).await.unwrap().len();
+        }
+        for offset in [0, 4 << 20, (8 << 20) - 100] {
+            let read = fs.read_at_once(fh, offset as u64, 4096).expect("cached");
+            let end = (offset + 4096).min(bytes.len());
+            assert_eq!(&read[..], &bytes[offset..end]);
+        }
     }
 
     /// Bytes the page cache holds are read on the spot; a read past the end, or a large one,

@@ -319,6 +319,12 @@ impl fuser::Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let started = Instant::now();
+        if let Some(bytes) = self.fs.read_at_once(fh.0, offset, size) {
+            reply.data(&bytes);
+            self.fs.metrics().fuse_operation("read", started.elapsed());
+            return;
+        }
         self.spawn("read", move |fs| async move {
             match fs.read(fh.0, offset, size).await {
                 Ok(bytes) => reply.data(&bytes),
