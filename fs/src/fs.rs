@@ -1275,8 +1275,9 @@ impl Filesystem {
 
     /// Lists directory `prefix` in the store. With `pending_below` (the changes pending below
     /// it when the listing started, `at` a time and a count of recorded changes), first without
-    /// a delimiter: if everything below fits in [`listings::FLAT_LIMIT`] keys, that one listing
-    /// answers for the directories inside too.
+    /// a delimiter: if everything below fits in one page, that listing answers for the
+    /// directories inside too. (One page only: s3rver, for one, loses keys across the pages of a
+    /// listing without a delimiter, `a.rs` beside a full `a/`.)
     async fn list_store(
         &self,
         prefix: &str,
@@ -1284,30 +1285,17 @@ impl Filesystem {
         pending_below: Option<&Vec<(String, Option<Kind>)>>,
     ) -> crate::store::Result<ListPage> {
         if let Some(pending) = pending_below {
-            let mut objects = Vec::new();
-            let mut continuation = None;
-            loop {
-                let options = ListOptions {
-                    delimited: false,
-                    continuation,
-                    max_keys: None,
-                };
-                let page = self.store.list(prefix, options).await?;
-                objects.extend(page.objects);
-                match page.next {
-                    None => {
-                        let mut pages = listings::split_flat(prefix, objects);
-                        let own = pages.remove(prefix).unwrap_or_default();
-                        let ttl = self.config.metadata_ttl;
-                        self.listings().keep(at, pages, pending, ttl);
-                        return Ok(own);
-                    }
-                    Some(next) if objects.len() < listings::FLAT_LIMIT => {
-                        continuation = Some(next);
-                    }
-                    Some(_) => break,
-                }
+            let page = self.store.list(prefix, ListOptions::default()).await?;
+            if page.next.is_none() {
+                let keys = page.objects.len();
+                let mut pages = listings::split_flat(prefix, page.objects);
+                let own = pages.remove(prefix).unwrap_or_default();
+                let ttl = self.config.metadata_ttl;
+                let kept = self.listings().keep(at, pages, pending, ttl);
+                tracing::debug!("{prefix}: listed flat, {keys} keys, {kept} pages kept");
+                return Ok(own);
             }
+            tracing::debug!("{prefix}: too much below to list flat");
             self.listings().mark_too_big(prefix);
         }
         self.store.list_all(prefix, true).await

@@ -1,9 +1,9 @@
 //! Listings of small directory trees, made with one flat listing of the store.
 //!
 //! Reading a directory lists the store. Where everything below the directory (at every depth)
-//! fits in [`FLAT_LIMIT`] keys, one listing without a delimiter answers for the directory and for
-//! each directory inside it: `ls -lR`, `find`, `du` or `rm -rf` of a source tree then cost a
-//! request or two instead of one per directory. The pages of the inner directories are kept
+//! fits in one page (1,000 keys), one listing without a delimiter answers for the directory and
+//! for each directory inside it: `ls -lR`, `find`, `du` or `rm -rf` of a source tree then cost
+//! a request instead of one per directory. The pages of the inner directories are kept
 //! here for the metadata TTL, with the pending changes as they stood before the listing, so that
 //! a later read of one of them sees what it would have seen had it listed the store then.
 //! Recording a change under a directory drops its kept page: a change made and uploaded after
@@ -14,9 +14,6 @@ use std::time::{Duration, Instant};
 
 use crate::attrs::Kind;
 use crate::store::{ListEntry, ListPage};
-
-/// The most keys a flat listing may hold (two pages of S3's 1,000) to answer for a whole tree.
-pub(super) const FLAT_LIMIT: usize = 2000;
 
 /// A directory's page from a flat listing of a tree above it.
 #[derive(Debug)]
@@ -56,22 +53,25 @@ impl Listings {
 
     /// Keeps the pages of a flat listing that started `at`, at `generation` (but that of the
     /// directory read now). `pending` holds the changes then pending below it, by key. If a
-    /// change was recorded since, nothing is kept: its page might have missed it.
+    /// change was recorded since, nothing is kept: its page might have missed it. Returns how
+    /// many pages it kept.
     pub fn keep(
         &mut self,
         (at, generation): (Instant, u64),
         pages: HashMap<String, ListPage>,
         pending: &[(String, Option<Kind>)],
         ttl: Duration,
-    ) {
+    ) -> usize {
         self.pages.retain(|_, kept| kept.at.elapsed() < ttl);
         if generation != self.generation {
-            return;
+            return 0;
         }
+        let kept = pages.len();
         for (prefix, page) in pages {
             let pending = children_of(&prefix, pending);
             self.pages.insert(prefix, KeptPage { at, page, pending });
         }
+        kept
     }
 
     /// A change of `key` is being recorded: the pages of its directory and of itself (if it is
@@ -187,13 +187,17 @@ mod tests {
             "v/d/b/e/g",
             "v/d/b-x",
             "v/d/h/i/j",
+            "v/d/p.rs",
+            "v/d/p/",
+            "v/d/p/q.rs",
         ];
         let pages = split_flat("v/d/", flat.iter().map(|k| object(k)).collect());
         let mut dirs: Vec<&str> = pages.keys().map(String::as_str).collect();
         dirs.sort();
-        assert_eq!(dirs, ["v/d/", "v/d/b/", "v/d/b/e/", "v/d/h/", "v/d/h/i/"]);
-        assert_eq!(keys(&pages["v/d/"]), ["v/d/a.txt", "v/d/b-x"]);
-        assert_eq!(pages["v/d/"].prefixes, ["v/d/b/", "v/d/h/"]);
+        let all = ["v/d/", "v/d/b/", "v/d/b/e/", "v/d/h/", "v/d/h/i/", "v/d/p/"];
+        assert_eq!(dirs, all);
+        assert_eq!(keys(&pages["v/d/"]), ["v/d/a.txt", "v/d/b-x", "v/d/p.rs"]);
+        assert_eq!(pages["v/d/"].prefixes, ["v/d/b/", "v/d/h/", "v/d/p/"]);
         assert_eq!(keys(&pages["v/d/b/"]), ["v/d/b/", "v/d/b/c.txt"]);
         assert_eq!(pages["v/d/b/"].prefixes, ["v/d/b/e/"]);
         assert_eq!(keys(&pages["v/d/b/e/"]), ["v/d/b/e/f", "v/d/b/e/g"]);
