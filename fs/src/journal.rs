@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Bound;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, params};
@@ -242,8 +242,6 @@ fn from_unix_seconds(s: f64) -> SystemTime {
 #[derive(Debug)]
 pub struct Journal {
     db: Connection,
-    /// SQLite's write-ahead log beside the database: every commit is in it.
-    wal: PathBuf,
     entries: BTreeMap<u64, Entry>,
     /// key -> seqs of its pending entries, oldest first.
     by_key: HashMap<String, Vec<u64>>,
@@ -268,11 +266,8 @@ impl Journal {
                  not_before REAL NOT NULL
              );",
         )?;
-        let mut wal = path.as_os_str().to_owned();
-        wal.push("-wal");
         let mut journal = Self {
             db,
-            wal: wal.into(),
             entries: BTreeMap::new(),
             by_key: HashMap::new(),
             in_flight: HashSet::new(),
@@ -617,17 +612,9 @@ impl Journal {
             .filter_map(|(_, seqs)| seqs.last().and_then(|s| self.entries.get(s)))
     }
 
-    /// Forces the journal to disk (fsync=local): syncing the write-ahead log makes every commit
-    /// in it durable, as `synchronous=FULL` would at each commit (what was checkpointed out of
-    /// it before was synced by the checkpoint). Without a log file, a full checkpoint.
+    /// Forces the journal to disk (fsync=local).
     pub fn sync(&self) -> FsResult<()> {
-        match std::fs::File::open(&self.wal) {
-            Ok(wal) => wal.sync_data()?,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                self.db.execute_batch("PRAGMA wal_checkpoint(FULL);")?;
-            }
-            Err(err) => return Err(err.into()),
-        }
+        self.db.execute_batch("PRAGMA wal_checkpoint(FULL);")?;
         Ok(())
     }
 }
