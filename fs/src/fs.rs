@@ -1189,8 +1189,10 @@ impl Filesystem {
         };
         let mut names: HashMap<String, Kind> = HashMap::new();
         let kept = self.listings().take(&prefix, self.config.metadata_ttl);
-        let (listed, pending_before, listed_at) = match kept {
-            Some(kept) => (Ok(kept.page), kept.pending, kept.at),
+        // `listed_at`: when the listing started; `seen_at`: when what it shows was last seen
+        // (a fresh listing's end, a kept page's start).
+        let (listed, pending_before, listed_at, seen_at) = match kept {
+            Some(kept) => (Ok(kept.page), kept.pending, kept.at, kept.at),
             None => {
                 let started = Instant::now();
                 // Pending changes as they stand before the listing: one the uploader applies
@@ -1220,12 +1222,12 @@ impl Filesystem {
                     listed
                 };
                 let pending_before = listings::children_of(&prefix, &pending_below);
-                (listed, pending_before, started)
+                (listed, pending_before, started, Instant::now())
             }
         };
         match listed {
             Ok(listed) => {
-                self.confirm_children(ino, &prefix, &listed, listed_at);
+                self.confirm_children(ino, &prefix, &listed, seen_at);
                 for prefix_entry in &listed.prefixes {
                     let name = prefix_entry[prefix.len()..].trim_end_matches('/');
                     if check_new_name(OsStr::new(name)).is_ok() {
@@ -2799,6 +2801,35 @@ mod tests {
             "the marker is in the store"
         );
         assert_eq!(names_in(&fs, a).await, ["new", "x", "y"]);
+    }
+
+    /// A listing slower than the TTL still confirms the names it shows (as of its end): an
+    /// `ls -l` of a big directory on a slow store does not ask about each name again.
+    #[tokio::test]
+    async fn a_listing_slower_than_the_ttl_confirms_what_it_shows() {
+        use crate::store::faults::{FaultyStore, Op};
+        let memory = Arc::new(MemoryStore::new());
+        for n in 0..5 {
+            let body = Bytes::from_static(b"x");
+            memory
+                .put(&format!("d/f{n}"), body, PutOptions::default())
+                .await
+                .unwrap();
+        }
+        let faulty = Arc::new(FaultyStore::new(memory));
+        let ttl = Duration::from_millis(300);
+        let config = FsConfig {
+            metadata_ttl: ttl,
+            ..FsConfig::default()
+        };
+        let (fs, _cache) = test_mount(faulty.clone(), config);
+        let dir = fs.lookup(ROOT, "d".as_ref()).await.unwrap().ino;
+        assert_eq!(names_in(&fs, dir).await.len(), 5);
+        faulty.add_latency(Some(Op::List), ttl * 2);
+        tokio::time::sleep(ttl).await;
+        let heads = faulty.calls(Op::Head);
+        assert_eq!(names_in(&fs, dir).await.len(), 5);
+        assert_eq!(faulty.calls(Op::Head), heads, "names asked about again");
     }
 
     /// A read is answered on the spot only once the cache file holds what it asks for (and all

@@ -528,21 +528,22 @@ impl Journal {
     ) -> Vec<Entry> {
         let candidate =
             |e: &Entry| e.not_before <= now && !self.in_flight.contains(&e.seq) && wanted(e);
-        // The walk ends after the last candidate: later entries hold back nothing before them.
-        let mut candidates_left = self.entries.values().filter(|e| candidate(e)).count();
+        // The walk ends at the last candidate (looked for from the end, where the newest
+        // changes wait out their delay): later entries hold back nothing before them.
+        let Some(last) = self.entries.values().rev().find(|e| candidate(e)) else {
+            return Vec::new();
+        };
+        let last = last.seq;
         let mut picked = Vec::new();
         // Every earlier entry holds back the later ones related to it; indexed by key, so that
         // thousands of waiting changes (a big untar) cost a lookup each, not a scan each.
         let mut earlier = EarlierKeys::default();
         for entry in self.entries.values() {
-            if picked.len() >= limit || candidates_left == 0 {
-                break;
+            if candidate(entry) && !entry.keys().any(|key| earlier.holds_back(key)) {
+                picked.push(entry.clone());
             }
-            if candidate(entry) {
-                candidates_left -= 1;
-                if !entry.keys().any(|key| earlier.holds_back(key)) {
-                    picked.push(entry.clone());
-                }
+            if picked.len() >= limit || entry.seq == last {
+                break;
             }
             earlier.add(entry);
         }
@@ -594,14 +595,8 @@ impl Journal {
 
     /// Pending changes of the direct children of directory `prefix` ("" or "dir/").
     pub fn children<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a Entry> + 'a {
-        self.by_key
-            .iter()
-            .filter(move |(key, _)| {
-                key.len() > prefix.len()
-                    && key.starts_with(prefix)
-                    && !key[prefix.len()..].contains('/')
-            })
-            .filter_map(|(_, seqs)| seqs.last().and_then(|s| self.entries.get(s)))
+        self.below(prefix)
+            .filter(move |e| !e.key[prefix.len()..].contains('/'))
     }
 
     /// Pending changes of every key below directory `prefix` ("" or "dir/"), at any depth.
