@@ -35,7 +35,7 @@ pub(super) struct Listings {
     generation: u64,
 }
 
-/// Forgotten directories known to be too big beyond this many (a bound on memory, no more).
+/// How many directories known to be too big are remembered (then forgotten all at once).
 const TOO_BIG_REMEMBERED: usize = 10_000;
 
 impl Listings {
@@ -66,9 +66,17 @@ impl Listings {
         if generation != self.generation {
             return 0;
         }
+        let mut pending_by_dir: HashMap<&str, Vec<(String, Option<Kind>)>> = HashMap::new();
+        for (key, kind) in pending {
+            let (dir, name) = key.split_at(key.rfind('/').map_or(0, |at| at + 1));
+            pending_by_dir
+                .entry(dir)
+                .or_default()
+                .push((name.to_string(), *kind));
+        }
         let kept = pages.len();
         for (prefix, page) in pages {
-            let pending = children_of(&prefix, pending);
+            let pending = pending_by_dir.remove(prefix.as_str()).unwrap_or_default();
             self.pages.insert(prefix, KeptPage { at, page, pending });
         }
         kept
