@@ -83,6 +83,9 @@ pub(super) fn copy_cache_file(
     copied
 }
 
+/// The longest the uploader waits between requests to a store that does not answer.
+const STORE_PAUSE_CEILING: Duration = Duration::from_secs(30);
+
 /// The most deletes one request applies (S3's limit for DeleteObjects).
 const DELETE_BATCH: usize = 1000;
 
@@ -123,6 +126,10 @@ pub struct Status {
     pub permanent: bool,
     pub applied_changes: u64,
     pub uploaded_bytes: u64,
+    /// Requests in a row the store failed to answer (timeouts, refusals, 5xx), counted once per
+    /// pause; and until when the uploader waits before its next request (see `pace`).
+    store_failures: u32,
+    paused_until: Option<Instant>,
 }
 
 /// What is not yet in the store.
@@ -166,8 +173,9 @@ impl Filesystem {
                 self.config.uploads_in_flight
             };
             let room = limit.saturating_sub(in_flight.load(Ordering::Acquire));
+            let paused_until = self.status().paused_until.filter(|t| *t > Instant::now());
             let (mut batch, mut deletes) = (Vec::new(), Vec::new());
-            if room > 0 && self.may_upload() {
+            if room > 0 && paused_until.is_none() && self.may_upload() {
                 let now = SystemTime::now();
                 let mut journal = self.journal();
                 // Deletes due together go in one request (an `rm -r` records hundreds at once).
@@ -187,6 +195,7 @@ impl Filesystem {
                 let fs = Arc::clone(&self);
                 self.spawn_counted(&in_flight, async move {
                     let outcome = fs.apply(&entry).await;
+                    fs.pace(outcome.as_ref().err());
                     fs.settle(entry, outcome).await;
                 });
             }
@@ -201,6 +210,7 @@ impl Filesystem {
                 .next_due()
                 .and_then(|due| due.duration_since(SystemTime::now()).ok())
                 .unwrap_or(Duration::from_secs(1));
+            let until_due = paused_until.map_or(until_due, |t| t - Instant::now());
             let wait = until_due.clamp(Duration::from_millis(5), Duration::from_secs(1));
             tokio::select! {
                 _ = self.wake.notified() => {}
@@ -368,6 +378,13 @@ impl Filesystem {
     async fn apply_deletes(&self, deletes: Vec<Entry>) {
         let keys: Vec<String> = deletes.iter().map(|e| e.key.clone()).collect();
         let deleted = self.store.delete_many(&keys).await;
+        self.pace(
+            deleted
+                .as_ref()
+                .err()
+                .map(|e| FsError::Store(e.clone()))
+                .as_ref(),
+        );
         if let Err(err) = &deleted
             && !err.kind().is_retryable()
         {
@@ -388,6 +405,33 @@ impl Filesystem {
                 Err(err) => Err(FsError::Store(err.clone())),
             };
             self.settle(entry, outcome).await;
+        }
+    }
+
+    /// Paces the uploader by how the store answered a request: while it does not answer (a
+    /// timeout, a refused connection, a 5xx), the next request waits 0.4 s, then twice as long
+    /// after each failure up to 30 s, whichever change it is for: a store that is down gets one
+    /// request at a time, spaced out, rather than one for every waiting change (thousands, each
+    /// failing and logged, after an untar). Failures of requests started before a pause do not
+    /// lengthen it; an answer ends it.
+    fn pace(&self, failed: Option<&FsError>) {
+        let mut status = self.status();
+        match failed {
+            None => {
+                status.store_failures = 0;
+                status.paused_until = None;
+            }
+            Some(FsError::Store(err)) if err.kind().is_retryable() => {
+                let now = Instant::now();
+                if status.paused_until.is_none_or(|until| until <= now) {
+                    status.store_failures += 1;
+                    let exponent = status.store_failures.min(8);
+                    let pause = Duration::from_millis(200 << exponent).min(STORE_PAUSE_CEILING);
+                    status.paused_until = Some(now + pause);
+                }
+            }
+            // The store answered (refused this change), or the trouble is local.
+            Some(_) => {}
         }
     }
 
@@ -1208,6 +1252,41 @@ mod tests {
         fs.release(reading.fh).await.unwrap();
         fs.drain(Some(Duration::from_secs(10))).await.unwrap();
         assert_eq!(&memory.get_all("target").await.unwrap().1[..], b"renamed");
+    }
+
+    /// While the store does not answer, the uploader sends one request at a time, spaced out,
+    /// not one for each of the 50 waiting changes; everything lands once it answers again.
+    #[tokio::test]
+    async fn a_store_that_does_not_answer_gets_requests_spaced_out() {
+        use crate::store::faults::{FaultyStore, Op};
+        let memory = Arc::new(MemoryStore::new());
+        let faulty = Arc::new(FaultyStore::new(memory.clone()));
+        let away = StoreError::new(ErrorKind::Unavailable, "connection refused");
+        faulty.fail_next(Some(Op::Put), 10_000, away);
+        let config = FsConfig {
+            writeback_delay: Duration::ZERO,
+            ..FsConfig::default()
+        };
+        let (fs, _cache) = crate::fs::test_mount(faulty.clone(), config);
+        fs.start_uploader();
+        let flags = libc::O_WRONLY | libc::O_CREAT;
+        for n in 0..50 {
+            let name = format!("f{n}");
+            let (_, opened) = fs
+                .create(ROOT, name.as_ref(), 0o644, 0o022, flags, 0, 0)
+                .await
+                .unwrap();
+            fs.write(opened.fh, 0, b"x").await.unwrap();
+            fs.release(opened.fh).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let tried = faulty.calls(Op::Put);
+        // The first requests in flight, then one at 0.4 s and one at 1.2 s.
+        assert!(tried <= 12, "{tried} PUTs in 1.5 s to a store that is away");
+
+        faulty.clear();
+        fs.drain(Some(Duration::from_secs(30))).await.unwrap();
+        assert_eq!(memory.list_all("", false).await.unwrap().objects.len(), 50);
     }
 
     /// Deletes due together (an `rm -r`) reach the store in one request, not one each.
