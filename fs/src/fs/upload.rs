@@ -1254,6 +1254,20 @@ mod tests {
         assert_eq!(&memory.get_all("target").await.unwrap().1[..], b"renamed");
     }
 
+    /// Creates files `f0`, `f1`... in the root, each holding "x", and closes them.
+    async fn write_files(fs: &Filesystem, count: usize) {
+        let flags = libc::O_WRONLY | libc::O_CREAT;
+        for n in 0..count {
+            let name = format!("f{n}");
+            let (_, opened) = fs
+                .create(ROOT, name.as_ref(), 0o644, 0o022, flags, 0, 0)
+                .await
+                .unwrap();
+            fs.write(opened.fh, 0, b"x").await.unwrap();
+            fs.release(opened.fh).await.unwrap();
+        }
+    }
+
     /// While the store does not answer, the uploader sends one request at a time, spaced out,
     /// not one for each of the 50 waiting changes; everything lands once it answers again.
     #[tokio::test]
@@ -1269,16 +1283,7 @@ mod tests {
         };
         let (fs, _cache) = crate::fs::test_mount(faulty.clone(), config);
         fs.start_uploader();
-        let flags = libc::O_WRONLY | libc::O_CREAT;
-        for n in 0..50 {
-            let name = format!("f{n}");
-            let (_, opened) = fs
-                .create(ROOT, name.as_ref(), 0o644, 0o022, flags, 0, 0)
-                .await
-                .unwrap();
-            fs.write(opened.fh, 0, b"x").await.unwrap();
-            fs.release(opened.fh).await.unwrap();
-        }
+        write_files(&fs, 50).await;
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let tried = faulty.calls(Op::Put);
         // The first requests in flight, then one at 0.4 s and one at 1.2 s.
@@ -1303,16 +1308,7 @@ mod tests {
         let cache = Cache::open(cache_dir.path()).unwrap();
         let fs = Arc::new(Filesystem::new(faulty.clone(), cache, config).unwrap());
         fs.start_uploader();
-        let flags = libc::O_WRONLY | libc::O_CREAT;
-        for n in 0..50 {
-            let name = format!("f{n}");
-            let (_, opened) = fs
-                .create(ROOT, name.as_ref(), 0o644, 0o022, flags, 0, 0)
-                .await
-                .unwrap();
-            fs.write(opened.fh, 0, b"x").await.unwrap();
-            fs.release(opened.fh).await.unwrap();
-        }
+        write_files(&fs, 50).await;
         fs.drain(Some(Duration::from_secs(10))).await.unwrap();
         assert_eq!(memory.list_all("", false).await.unwrap().objects.len(), 50);
 
