@@ -71,6 +71,10 @@ pub struct MountArgs {
     /// Seconds a lease lasts without renewal; another host may take it over after that.
     #[arg(long, default_value_t = 30.0)]
     pub lease_ttl: f64,
+    /// Keep every read and write going through cairn, even where the kernel could read and
+    /// write a wholly cached file itself (FUSE passthrough, Linux 6.9+, as root).
+    #[arg(long)]
+    pub no_passthrough: bool,
 }
 
 /// When fsync returns.
@@ -272,6 +276,7 @@ async fn serve(args: MountArgs, state_dir: &Path) -> Result<(), String> {
             writeback_delay,
             fsync_local: args.fsync == FsyncMode::Local,
             max_dirty_age,
+            passthrough: !args.no_passthrough,
             cache_size: args.cache_size,
             ..FsConfig::default()
         },

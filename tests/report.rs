@@ -159,10 +159,26 @@ fn prometheus_scrapes_what_the_mounts_do() {
     assert_eq!(daemon.mount("metered", "c1")["Err"], "");
     let mountpoint = daemon.mountpoint("metered");
     std::fs::write(mountpoint.join("new.bin"), vec![9u8; 100_000]).unwrap();
+    // A file created afresh is written by the kernel itself (passthrough); writing into an
+    // existing one goes through the mount.
+    let existing = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mountpoint.join("new.bin"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&existing, &[8u8; 10], 0).unwrap();
+    drop(existing);
+    // The first read fetches old.bin; a second open while the first is still open goes the
+    // same way (through the mount), and finds it in the cache.
+    let first = std::fs::File::open(mountpoint.join("old.bin")).unwrap();
+    assert_eq!(
+        std::io::Read::read_to_end(&mut &first, &mut Vec::new()).unwrap(),
+        300_000
+    );
     assert_eq!(
         std::fs::read(mountpoint.join("old.bin")).unwrap().len(),
         300_000
     );
+    drop(first);
 
     let before = scrape(&address);
     let volume = "volume=\"metered\"";
@@ -197,10 +213,15 @@ fn prometheus_scrapes_what_the_mounts_do() {
     );
     let sent = format!("cairn_store_sent_bytes_total{{{volume},op=\"put\"}}");
     assert!(sample(&after, &sent).unwrap() >= 100_000.0, "{after}");
-    let hits = sample(&after, &format!("cairn_cache_hits_total{{{volume}}}")).unwrap();
+    let hits = sample(&before, &format!("cairn_cache_hits_total{{{volume}}}")).unwrap();
     assert!(
         hits >= 1.0,
-        "reads after the first found what it fetched: {after}"
+        "the second read found what the first fetched: {before}"
+    );
+    let direct = sample(&after, &format!("cairn_direct_opens_total{{{volume}}}")).unwrap();
+    assert!(
+        direct >= 2.0,
+        "new.bin was written, and old.bin read again, by the kernel itself: {after}"
     );
     let uploaded = sample(&after, &format!("cairn_uploaded_bytes_total{{{volume}}}")).unwrap();
     assert!(uploaded >= 100_000.0, "{after}");

@@ -231,6 +231,12 @@ impl Collector for Mounts {
             |f| f.counters.cache_misses,
         )
         .encode(&mut encoder)?;
+        totals(
+            "direct_opens",
+            "Opens the kernel serves from the cache file itself (passthrough)",
+            |f| f.counters.direct_opens,
+        )
+        .encode(&mut encoder)?;
 
         Family {
             name: "fuse_operation_seconds",

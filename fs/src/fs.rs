@@ -8,6 +8,7 @@
 //! local cache and to the change log ([`crate::journal`]) and return at local speed; the
 //! uploader ([`upload`]) applies the log to the store in order, in the background.
 
+mod direct;
 mod listings;
 mod readahead;
 mod upload;
@@ -19,7 +20,7 @@ use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -38,6 +39,7 @@ use crate::store::{
     ErrorKind, GetOptions, ListOptions, ListPage, MAX_KEY_LEN, ObjectInfo, PutOptions, SharedStore,
     StoreExt,
 };
+use direct::{Look, Open, Route};
 
 pub use upload::{Pending, Status};
 
@@ -76,6 +78,9 @@ pub struct FsConfig {
     /// unchanged bytes in the store: its upload copies those parts inside the store instead of
     /// downloading and uploading them again.
     pub copy_threshold: u64,
+    /// Let the kernel read and write a file's cache file itself (FUSE passthrough) when the cache
+    /// file holds the whole file, if the kernel offers it (see `direct`).
+    pub passthrough: bool,
 }
 
 impl Default for FsConfig {
@@ -95,6 +100,7 @@ impl Default for FsConfig {
             max_dirty_age: Duration::from_secs(30),
             cache_size: 10 << 30,
             copy_threshold: 32 << 20,
+            passthrough: true,
         }
     }
 }
@@ -131,11 +137,13 @@ pub struct SetAttrs {
 }
 
 /// An opened file.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Opened {
     pub fh: u64,
     /// The kernel may keep its page cache of the file: it has not changed since last opened.
     pub keep_cache: bool,
+    /// The kernel should read and write this cache file itself (see `direct`).
+    pub direct: Option<Arc<File>>,
 }
 
 /// The contents of one file while it is open or changed: a cache file and what it holds.
@@ -145,6 +153,9 @@ pub struct FileData {
     content: tokio::sync::Mutex<Content>,
     size: AtomicU64,
     opens: AtomicUsize,
+    /// Handles through which the kernel writes the cache file itself (changed under the
+    /// content lock; read without it to know whether attributes must be looked up there).
+    direct_writers: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -174,6 +185,8 @@ struct Content {
     /// One clone per upload reading the cache file itself: while any is out, a change first
     /// moves the file to a copy ([`Filesystem::copy_aside`]).
     upload_readers: Arc<()>,
+    /// Open handles by route, and what the mount last saw of the kernel's direct writes.
+    routes: direct::Routes,
 }
 
 impl Content {
@@ -198,6 +211,8 @@ enum Handle {
         /// Where the next sequential read would start, and the current read-ahead window.
         next_offset: u64,
         window: u64,
+        /// How the kernel reaches the file's bytes through this handle.
+        route: direct::Route,
     },
     /// An open directory: listed at its first `readdir` (so an open for `fsync`, as SQLite
     /// does at each commit, costs no listing).
@@ -253,6 +268,8 @@ pub struct Filesystem {
     store_down_until: Arc<Mutex<Option<Instant>>>,
     /// Pages of directories listed along with a directory above them (see `listings`).
     listings: Mutex<listings::Listings>,
+    /// The kernel agreed to read and write cache files itself (see `direct`).
+    passthrough: AtomicBool,
 }
 
 /// How long after the store failed to answer lookups and listings stop asking it; then one
@@ -397,6 +414,7 @@ impl Filesystem {
             fenced: Mutex::new(None),
             uploads_until: Mutex::new(None),
             store_down_until: Arc::default(),
+            passthrough: AtomicBool::new(false),
         };
         fs.remove_orphaned_cache_files()?;
         Ok(fs)
@@ -889,6 +907,7 @@ impl Filesystem {
         }
         let ino = self.existing(parent, &name).await?;
         self.count_lookup(ino);
+        self.note_direct_writes_to(ino).await?;
         self.attr(ino)
     }
 
@@ -897,6 +916,7 @@ impl Filesystem {
     }
 
     pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        self.note_direct_writes_to(ino).await?;
         let (parent, name) = {
             let ns = self.ns();
             let inode = ns.get(ino).ok_or(FsError::NotFound)?;
@@ -1853,6 +1873,7 @@ impl Filesystem {
                     changed,
                     fetching: Vec::new(),
                     upload_readers: Arc::default(),
+                    routes: direct::Routes::default(),
                 };
                 (content, length)
             }
@@ -1896,6 +1917,7 @@ impl Filesystem {
                     changed: RangeSet::default(),
                     fetching: Vec::new(),
                     upload_readers: Arc::default(),
+                    routes: direct::Routes::default(),
                 };
                 (content, size)
             }
@@ -1911,6 +1933,7 @@ impl Filesystem {
             content: tokio::sync::Mutex::new(content),
             size: AtomicU64::new(size),
             opens: AtomicUsize::new(0),
+            direct_writers: AtomicUsize::new(0),
         });
         registry.insert(name, Arc::downgrade(&data));
         let mut ns = self.ns();
@@ -1939,9 +1962,11 @@ impl Filesystem {
                 changed: RangeSet::default(),
                 fetching: Vec::new(),
                 upload_readers: Arc::default(),
+                routes: direct::Routes::default(),
             }),
             size: AtomicU64::new(0),
             opens: AtomicUsize::new(0),
+            direct_writers: AtomicUsize::new(0),
         });
         registry.insert(name, Arc::downgrade(&data));
         if let Some(inode) = self.ns().get_mut(ino) {
@@ -1956,6 +1981,7 @@ impl Filesystem {
             ino,
             next_offset: 0,
             window: self.config.block_size,
+            route: direct::Route::Opening,
         };
         self.handles().insert(fh, handle);
         fh
@@ -1976,13 +2002,32 @@ impl Filesystem {
             keep
         };
         let fh = self.new_handle(ino);
-        if flags & libc::O_TRUNC != 0
-            && let Err(err) = self.truncate(ino, 0).await
-        {
-            self.release(fh).await.ok();
-            return Err(err);
+        let truncated = match flags & libc::O_TRUNC {
+            0 => Ok(()),
+            _ => self.truncate(ino, 0).await,
+        };
+        let routed = match truncated {
+            Ok(()) => {
+                let open = match (writes, flags & libc::O_TRUNC != 0) {
+                    (false, _) => Open::Reads,
+                    (true, false) => Open::Writes,
+                    (true, true) => Open::WritesAfresh,
+                };
+                self.choose_route(fh, &data, open).await
+            }
+            Err(err) => Err(err),
+        };
+        match routed {
+            Ok(direct) => Ok(Opened {
+                fh,
+                keep_cache,
+                direct,
+            }),
+            Err(err) => {
+                self.release(fh).await.ok();
+                Err(err)
+            }
         }
-        Ok(Opened { fh, keep_cache })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -2025,11 +2070,19 @@ impl Filesystem {
         }
         self.count_lookup(ino);
         let fh = self.new_handle(ino);
+        let direct = match self.choose_route(fh, &data, Open::WritesAfresh).await {
+            Ok(direct) => direct,
+            Err(err) => {
+                self.release(fh).await.ok();
+                return Err(err);
+            }
+        };
         Ok((
             self.attr(ino)?,
             Opened {
                 fh,
                 keep_cache: false,
+                direct,
             },
         ))
     }
@@ -2220,7 +2273,7 @@ impl Filesystem {
     /// file not all cached keeps the rest in the store (see [`Content::partial`]); any other
     /// fetches what it lacks first.
     async fn make_dirty(&self, ino: u64, content: &mut Content, size: u64) -> FsResult<()> {
-        if Arc::strong_count(&content.upload_readers) > 1 {
+        if Arc::strong_count(&content.upload_readers) > 1 && !Self::held_by_kernel(content) {
             self.copy_aside(content).await?;
         }
         if !content.dirty {
@@ -2539,6 +2592,7 @@ impl Filesystem {
         let Some(data) = self.ns().get(ino).and_then(|i| i.file.clone()) else {
             return Ok(());
         };
+        self.note_direct_writes(&data, Look::Compare).await?;
         self.queue_upload(&data, true).await?;
         Ok(())
     }
@@ -2550,6 +2604,7 @@ impl Filesystem {
         let Some(data) = self.ns().get(ino).and_then(|i| i.file.clone()) else {
             return Ok(());
         };
+        self.note_direct_writes(&data, Look::Changed).await?;
         if self.config.fsync_local {
             self.queue_upload(&data, true).await?;
             let file = Arc::clone(&data.content.lock().await.file);
@@ -2563,15 +2618,21 @@ impl Filesystem {
     }
 
     pub async fn release(&self, fh: u64) -> FsResult<()> {
-        let ino = self.handle_ino(fh)?;
+        let (ino, route) = self.handle_route(fh)?;
         self.handles().remove(&fh);
         let data = self.ns().get(ino).and_then(|i| i.file.clone());
         if let Some(data) = data {
+            let noted = match route {
+                Route::DirectWrites => self.note_direct_writes(&data, Look::Release).await,
+                _ => Ok(()),
+            };
             let queued = self.queue_upload(&data, true).await;
+            self.count_closed(&data, route).await;
             let last = data.opens.fetch_sub(1, Ordering::AcqRel) == 1;
             if last {
                 self.drop_if_clean(&data).await;
             }
+            noted?;
             queued?;
         }
         Ok(())

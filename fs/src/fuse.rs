@@ -2,16 +2,17 @@
 //! async filesystem logic and answers the kernel with its result or its errno. Nothing here
 //! decides behaviour; FUSE threads never wait on the store.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
-    IoctlFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo,
+    InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use tracing::{Instrument, debug_span};
 
@@ -24,11 +25,72 @@ use crate::fs::{Attr, Filesystem, SetAttrs};
 pub struct FuseAdapter {
     fs: Arc<Filesystem>,
     runtime: tokio::runtime::Handle,
+    backings: Arc<Mutex<Backings>>,
+}
+
+/// The kernel's references to cache files of handles that go direct (passthrough): one per
+/// file, shared by its direct handles (the kernel requires the same one for all of them), and
+/// given back when the last of them is released.
+#[derive(Debug, Default)]
+struct Backings {
+    by_handle: HashMap<u64, Arc<BackingId>>,
+    by_inode: HashMap<u64, Weak<BackingId>>,
+}
+
+impl Backings {
+    /// The reference for direct handle `fh` of file `ino`, made from `file` by `register`
+    /// unless one is live already.
+    fn get_or_register(
+        &mut self,
+        ino: u64,
+        fh: u64,
+        register: impl FnOnce() -> std::io::Result<BackingId>,
+    ) -> std::io::Result<Arc<BackingId>> {
+        let backing = match self.by_inode.get(&ino).and_then(Weak::upgrade) {
+            Some(live) => live,
+            None => {
+                self.by_inode.retain(|_, weak| weak.strong_count() > 0);
+                let made = Arc::new(register()?);
+                self.by_inode.insert(ino, Arc::downgrade(&made));
+                made
+            }
+        };
+        self.by_handle.insert(fh, Arc::clone(&backing));
+        Ok(backing)
+    }
+}
+
+/// The kernel's reference for direct handle `fh` of file `ino`: the file's live one, else one
+/// `register` makes. None, with a warning, if the kernel refused.
+fn direct_backing(
+    backings: &Mutex<Backings>,
+    ino: u64,
+    fh: u64,
+    register: impl FnOnce() -> std::io::Result<BackingId>,
+) -> Option<Arc<BackingId>> {
+    let mut backings = backings.lock().unwrap_or_else(|p| p.into_inner());
+    match backings.get_or_register(ino, fh, register) {
+        Ok(backing) => {
+            tracing::debug!(ino, fh, ?backing, "direct open");
+            Some(backing)
+        }
+        Err(err) => {
+            tracing::warn!(
+                "the kernel would not read and write cache files itself ({err}); \
+                 file data goes through the mount from now on"
+            );
+            None
+        }
+    }
 }
 
 impl FuseAdapter {
     pub fn new(fs: Arc<Filesystem>, runtime: tokio::runtime::Handle) -> Self {
-        Self { fs, runtime }
+        Self {
+            fs,
+            runtime,
+            backings: Arc::default(),
+        }
     }
 
     fn ttl(&self) -> Duration {
@@ -125,6 +187,14 @@ impl fuser::Filesystem for FuseAdapter {
         // Ask for readdirplus so that `ls -l` needs no lookup per entry; older kernels say no.
         let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
         let _ = config.set_max_readahead(1 << 20);
+        // Passthrough (Linux 6.9+): with a stacking depth of 1 the cache directory must not be
+        // on a stacked filesystem (overlayfs), and cairn's mount may be below one.
+        if self.fs.config().passthrough
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok()
+        {
+            self.fs.allow_passthrough();
+        }
         Ok(())
     }
 
@@ -300,11 +370,25 @@ impl fuser::Filesystem for FuseAdapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let backings = Arc::clone(&self.backings);
         self.spawn("open", move |fs| async move {
-            match fs.open(ino.0, flags.0).await {
-                Ok(opened) => reply.opened(FileHandle(opened.fh), open_flags(opened.keep_cache)),
-                Err(err) => reply.error(errno(&err)),
+            let opened = match fs.open(ino.0, flags.0).await {
+                Ok(opened) => opened,
+                Err(err) => return reply.error(errno(&err)),
+            };
+            let (fh, flags) = (FileHandle(opened.fh), open_flags(opened.keep_cache));
+            if let Some(file) = opened.direct {
+                let register = || reply.open_backing(&*file);
+                // The kernel refuses a direct open asked to keep its page cache (which plays
+                // no part in it).
+                match direct_backing(&backings, ino.0, opened.fh, register) {
+                    Some(backing) => {
+                        return reply.opened_passthrough(fh, FopenFlags::empty(), &backing);
+                    }
+                    None => fs.route_refused(opened.fh).await,
+                }
             }
+            reply.opened(fh, flags);
         });
     }
 
@@ -377,6 +461,10 @@ impl fuser::Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        // The kernel has let go of the file: its cache file reference goes with the last handle.
+        let mut backings = self.backings.lock().unwrap_or_else(|p| p.into_inner());
+        backings.by_handle.remove(&fh.0);
+        drop(backings);
         self.spawn("release", move |fs| async move {
             answer_empty(reply, fs.release(fh.0).await)
         });
@@ -577,20 +665,29 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyCreate,
     ) {
         let (name, ttl, uid, gid) = (name.to_owned(), self.ttl(), req.uid(), req.gid());
+        let backings = Arc::clone(&self.backings);
         self.spawn("create", move |fs| async move {
-            match fs
+            let (attr, opened) = match fs
                 .create(parent.0, &name, mode, umask, flags, uid, gid)
                 .await
             {
-                Ok((attr, opened)) => reply.created(
-                    &ttl,
-                    &file_attr(&attr),
-                    Generation(0),
-                    FileHandle(opened.fh),
-                    open_flags(opened.keep_cache),
-                ),
-                Err(err) => reply.error(errno(&err)),
+                Ok(created) => created,
+                Err(err) => return reply.error(errno(&err)),
+            };
+            let attr = file_attr(&attr);
+            let (fh, flags) = (FileHandle(opened.fh), open_flags(opened.keep_cache));
+            if let Some(file) = opened.direct {
+                let register = || reply.open_backing(&*file);
+                match direct_backing(&backings, attr.ino.0, opened.fh, register) {
+                    Some(backing) => {
+                        let (generation, flags) = (Generation(0), FopenFlags::empty());
+                        return reply
+                            .created_passthrough(&ttl, &attr, generation, fh, flags, &backing);
+                    }
+                    None => fs.route_refused(opened.fh).await,
+                }
             }
+            reply.created(&ttl, &attr, Generation(0), fh, flags);
         });
     }
 }

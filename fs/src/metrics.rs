@@ -60,6 +60,9 @@ pub struct MetricsSnapshot {
     pub cache_hits: u64,
     /// Reads that had to fetch some of their bytes from the store.
     pub cache_misses: u64,
+    /// Opens the kernel serves from the cache file itself, without this mount (passthrough).
+    #[serde(default)]
+    pub direct_opens: u64,
 }
 
 /// The live counters of one mount.
@@ -94,6 +97,11 @@ impl Metrics {
         calls.bytes_received += received;
         calls.errors += u64::from(failed);
         calls.latency.observe(took);
+    }
+
+    /// One open served by the kernel from the cache file itself.
+    pub fn direct_open(&self) {
+        self.counts().direct_opens += 1;
     }
 
     /// One read: from the cache alone (`true`) or partly from the store.

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
 
+use super::direct::Look;
 use super::{FileData, Filesystem, blocking, read_at};
 use crate::attrs::{Attrs, Kind};
 use crate::cache::{Evictable, Partial, RangeSet};
@@ -622,8 +623,22 @@ impl Filesystem {
         let holder = registry.get(cache_file).and_then(std::sync::Weak::upgrade);
         let source = self.cache.path_of(cache_file);
         if let Some(data) = holder {
-            let content = data.content.lock().await;
+            let mut content = data.content.lock().await;
             drop(registry);
+            self.upload_reads(&data, &mut content)?;
+            if data.direct_writers.load(Ordering::Acquire) > 0 {
+                let generation = content.generation;
+                drop(content);
+                let (file, path, size) = self.settled_copy(source).await?;
+                return Ok(Some(Snapshot {
+                    file,
+                    path,
+                    reading: None,
+                    size,
+                    holder: Some((data, generation)),
+                    partial: None,
+                }));
+            }
             let path = source.clone();
             let file = blocking(move || Ok(std::fs::File::open(path)?)).await?;
             return Ok(Some(Snapshot {
@@ -688,6 +703,13 @@ impl Filesystem {
             Some(data) => {
                 let content = data.content.lock().await;
                 drop(registry);
+                if data.direct_writers.load(Ordering::Acquire) > 0 {
+                    return Err(FsError::Io(std::io::Error::other(format!(
+                        "no room on the cache disk to copy {} while it is written; \
+                         it is uploaded once closed, or once there is room",
+                        entry.key
+                    ))));
+                }
                 let partial = content.partial();
                 let etag = self
                     .put_file(&entry.key, file, size, attrs, partial.as_ref())
@@ -845,7 +867,12 @@ impl Filesystem {
         // there unchanged), so that becomes its base.
         let mut rebased = None;
         if let (Some((data, generation)), Some(content)) = (&holder, held.as_mut()) {
-            if content.cache_name == cache_file && content.generation == *generation && !later {
+            let written = data.direct_writers.load(Ordering::Acquire) > 0;
+            if content.cache_name == cache_file
+                && content.generation == *generation
+                && !later
+                && !written
+            {
                 content.dirty = false;
                 content.etag = Some(etag.clone());
                 content.remote_limit = size;
@@ -1036,6 +1063,7 @@ impl Filesystem {
             registry.values().filter_map(|w| w.upgrade()).collect()
         };
         for data in aged {
+            self.note_direct_writes(&data, Look::Compare).await?;
             let old = data
                 .content
                 .lock()

@@ -1,0 +1,320 @@
+//! Direct routes: the kernel reads and writes a file's cache file itself (FUSE passthrough,
+//! Linux 6.9 and later), so open files move at the speed of the local disk instead of going
+//! through the mount one request at a time.
+//!
+//! A handle goes direct when the kernel offers passthrough and the cache file holds the whole
+//! file (nothing left to fetch from the store); a writer only when its open creates or
+//! truncates the file (`cp`, `tar`, a database's dump: new contents written and closed). The
+//! kernel refuses a mix of routes on one file, so while any handle of a file is direct every
+//! new one is too, and while any goes through the mount none goes direct.
+//!
+//! The mount never sees direct writes. It learns of them from the cache file's size and
+//! modification time (on `getattr`, `lookup`, each tick, and before an upload), and takes every
+//! fsync, and the release of a writer after an upload read the file, as a change. An upload
+//! while a direct writer has the file open (its maximum dirty age, an fsync) reads a settled
+//! copy: the cache file copied, then compared with the copy, and copied again if a write came
+//! meanwhile, so the store never gets a version the file did not have (appends past the copied
+//! length do not unsettle it). Two rules keep the store and the cache index right:
+//! - a file with direct writers is never marked clean after an upload, and
+//! - when a direct writer is released after an upload read the file while it was open, the
+//!   file counts as changed again, so the version the last writer left is uploaded.
+//!
+//! While direct handles are open the cache file stays where the kernel has it: a change made
+//! through the mount (a truncate) does not move it to a copy during an upload, as it otherwise
+//! would ([`Filesystem::copy_aside`]).
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime};
+
+use super::upload::copy_cache_file;
+use super::{Content, FileData, Filesystem, Handle, blocking};
+use crate::cache::RangeSet;
+use crate::error::{FsError, FsResult};
+
+/// How the kernel reaches a file's bytes through one handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Route {
+    /// Not counted yet: being opened.
+    Opening,
+    /// Read and write requests to this mount.
+    Mount,
+    /// The kernel reads the cache file itself.
+    DirectReads,
+    /// The kernel reads and writes the cache file itself.
+    DirectWrites,
+}
+
+/// A file's open handles by route, and what the mount knows of the kernel's direct writes.
+#[derive(Debug, Default)]
+pub(super) struct Routes {
+    through_mount: usize,
+    direct: usize,
+    /// Size and modification time of the cache file when last looked at with writers open.
+    seen: Option<(u64, SystemTime)>,
+    /// An upload read the cache file while a direct writer had it open.
+    read_while_written: bool,
+}
+
+/// What an open asks for, as far as the route goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Open {
+    Reads,
+    /// Writes to a file it did not create or truncate.
+    Writes,
+    /// Writes to a file it created or truncated.
+    WritesAfresh,
+}
+
+/// How many times an upload copies a file being written directly before it tries later.
+const SETTLE_ATTEMPTS: usize = 4;
+
+/// Whether a look at the cache file takes it as changed regardless of what it shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Look {
+    /// Changed only if its size or modification time moved.
+    Compare,
+    /// Changed (an fsync: the upload it waits for must read the file after this).
+    Changed,
+    /// A writer's release: changed if it moved, or if an upload read it while written.
+    Release,
+}
+
+/// Free bytes the cache disk must have for a writer to go direct: direct writes do not wait
+/// for uploads to free room when the disk fills, as writes through the mount do.
+const DIRECT_WRITE_HEADROOM: u64 = 1 << 30;
+
+impl Filesystem {
+    /// Called once the kernel agreed to passthrough at mount time.
+    pub fn allow_passthrough(&self) {
+        if self.config.passthrough {
+            self.passthrough.store(true, Ordering::Release);
+        }
+    }
+
+    /// Picks the route of the new handle `fh` of `data` and counts it. Returns the cache file
+    /// the kernel is to use when the route is direct.
+    pub(super) async fn choose_route(
+        &self,
+        fh: u64,
+        data: &FileData,
+        open: Open,
+    ) -> FsResult<Option<Arc<File>>> {
+        let mut content = data.content.lock().await;
+        let size = data.size.load(Ordering::Acquire);
+        let direct = if content.routes.direct > 0 {
+            true
+        } else if content.routes.through_mount > 0 || !self.passthrough.load(Ordering::Acquire) {
+            false
+        } else {
+            let whole = content.partial().is_none() && content.present.contains(0..size);
+            whole
+                && match open {
+                    Open::Reads => true,
+                    Open::Writes => false,
+                    Open::WritesAfresh => self.room_to_write_directly(),
+                }
+        };
+        let writes = open != Open::Reads;
+        let route = match (direct, writes) {
+            (false, _) => Route::Mount,
+            (true, false) => Route::DirectReads,
+            (true, true) => {
+                // Everything that can fail comes before the handle is counted.
+                self.make_dirty(data.ino, &mut content, size).await?;
+                let meta = content.file.metadata()?;
+                let seen = (meta.len(), meta.modified()?);
+                if data.direct_writers.fetch_add(1, Ordering::AcqRel) == 0 {
+                    content.routes.seen = Some(seen);
+                }
+                Route::DirectWrites
+            }
+        };
+        if let Some(Handle::File { route: r, .. }) = self.handles().get_mut(&fh) {
+            *r = route;
+        }
+        tracing::debug!(
+            ino = data.ino,
+            fh,
+            ?route,
+            through_mount = content.routes.through_mount,
+            direct = content.routes.direct,
+            "route chosen"
+        );
+        if route == Route::Mount {
+            content.routes.through_mount += 1;
+            return Ok(None);
+        }
+        // The kernel's page cache of the file is not kept while it goes direct.
+        content.kernel_cached = None;
+        content.routes.direct += 1;
+        self.metrics.direct_open();
+        Ok(Some(Arc::clone(&content.file)))
+    }
+
+    /// The kernel could not take the cache file of direct handle `fh` (no passthrough for this
+    /// process, say): the handle goes through the mount, and so does every later open.
+    pub async fn route_refused(&self, fh: u64) {
+        self.passthrough.store(false, Ordering::Release);
+        let Ok((ino, route)) = self.handle_route(fh) else {
+            return;
+        };
+        let Some(data) = self.ns().get(ino).and_then(|i| i.file.clone()) else {
+            return;
+        };
+        self.count_closed(&data, route).await;
+        data.content.lock().await.routes.through_mount += 1;
+        if let Some(Handle::File { route, .. }) = self.handles().get_mut(&fh) {
+            *route = Route::Mount;
+        }
+    }
+
+    /// Uncounts a closed handle of `data`.
+    pub(super) async fn count_closed(&self, data: &FileData, route: Route) {
+        let mut content = data.content.lock().await;
+        tracing::debug!(ino = data.ino, ?route, "route closed");
+        match route {
+            Route::Opening => {}
+            Route::Mount => content.routes.through_mount -= 1,
+            Route::DirectReads => content.routes.direct -= 1,
+            Route::DirectWrites => {
+                content.routes.direct -= 1;
+                if data.direct_writers.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    content.routes.seen = None;
+                    content.routes.read_while_written = false;
+                }
+            }
+        }
+    }
+
+    /// Takes in what direct writers did to `data`'s cache file, as of now (see [`Look`]).
+    pub(super) async fn note_direct_writes(&self, data: &FileData, look: Look) -> FsResult<()> {
+        if data.direct_writers.load(Ordering::Acquire) == 0 {
+            return Ok(());
+        }
+        let mut content = data.content.lock().await;
+        let Some(mtime) = self.note_direct_writes_locked(data, &mut content, look)? else {
+            return Ok(());
+        };
+        drop(content);
+        if let Some(inode) = self.ns().get_mut(data.ino) {
+            inode.attrs.mtime = mtime;
+            inode.ctime = mtime;
+        }
+        Ok(())
+    }
+
+    /// [`Self::note_direct_writes`] for inode `ino`, if direct writers have it open.
+    pub(super) async fn note_direct_writes_to(&self, ino: u64) -> FsResult<()> {
+        let data = self.ns().get(ino).and_then(|i| i.file.clone());
+        match data {
+            Some(data) => self.note_direct_writes(&data, Look::Compare).await,
+            None => Ok(()),
+        }
+    }
+
+    /// [`Self::note_direct_writes`] under the file's lock. Returns the cache file's
+    /// modification time if the file counts as changed.
+    pub(super) fn note_direct_writes_locked(
+        &self,
+        data: &FileData,
+        content: &mut Content,
+        look: Look,
+    ) -> FsResult<Option<SystemTime>> {
+        if data.direct_writers.load(Ordering::Acquire) == 0 {
+            return Ok(None);
+        }
+        // fstat of an open local file: no disk I/O, fine on an async worker.
+        let meta = content.file.metadata()?;
+        let seen = (meta.len(), meta.modified()?);
+        let moved = content.routes.seen != Some(seen);
+        let changed = match look {
+            Look::Compare => moved,
+            Look::Changed => true,
+            Look::Release => moved || content.routes.read_while_written,
+        };
+        content.routes.seen = Some(seen);
+        if !changed {
+            return Ok(None);
+        }
+        content.routes.read_while_written = false;
+        content.generation += 1;
+        content.dirty = true;
+        content.dirty_since.get_or_insert_with(Instant::now);
+        content.present = RangeSet::full(seen.0);
+        data.size.store(seen.0, Ordering::Release);
+        Ok(Some(seen.1))
+    }
+
+    /// Marks that an upload is about to read `data`'s cache file, taking in direct writes
+    /// first so that it reads the file's current length.
+    pub(super) fn upload_reads(&self, data: &FileData, content: &mut Content) -> FsResult<()> {
+        if data.direct_writers.load(Ordering::Acquire) > 0 {
+            self.note_direct_writes_locked(data, content, Look::Compare)?;
+            content.routes.read_while_written = true;
+        }
+        Ok(())
+    }
+
+    /// A settled copy of cache file `source` for an upload (see the module's doc): its file,
+    /// path and length. Fails, for a later try, if writes never left it alone long enough.
+    pub(super) async fn settled_copy(&self, source: PathBuf) -> FsResult<(File, PathBuf, u64)> {
+        let target = self.cache.snapshot_path();
+        blocking(move || {
+            for _ in 0..SETTLE_ATTEMPTS {
+                let size = copy_cache_file(&source, &target, None)?;
+                if same_start(&source, &target, size).unwrap_or(false) {
+                    return Ok((File::open(&target)?, target, size));
+                }
+            }
+            let _ = std::fs::remove_file(&target);
+            Err(FsError::Io(std::io::Error::other(format!(
+                "{} kept changing while copied for its upload; trying again later",
+                source.display()
+            ))))
+        })
+        .await
+    }
+
+    /// Whether the cache file must stay where it is (the kernel holds it for direct handles).
+    pub(super) fn held_by_kernel(content: &Content) -> bool {
+        content.routes.direct > 0
+    }
+
+    fn room_to_write_directly(&self) -> bool {
+        self.dirty_bytes.load(Ordering::Acquire) < self.config.cache_size / 2
+            && self.cache.room_for(DIRECT_WRITE_HEADROOM)
+    }
+
+    /// The file and route of handle `fh`.
+    pub(super) fn handle_route(&self, fh: u64) -> FsResult<(u64, Route)> {
+        match self.handles().get(&fh) {
+            Some(Handle::File { ino, route, .. }) => Ok((*ino, *route)),
+            _ => Err(FsError::BadHandle),
+        }
+    }
+}
+
+/// Whether the first `len` bytes of `file` are those of `copy`.
+fn same_start(file: &Path, copy: &Path, len: u64) -> std::io::Result<bool> {
+    const CHUNK: usize = 1 << 20;
+    let (file, copy) = (File::open(file)?, File::open(copy)?);
+    let (mut ours, mut theirs) = (vec![0; CHUNK], vec![0; CHUNK]);
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(CHUNK as u64) as usize;
+        // A file cut meanwhile ends early: not the same.
+        if file.read_exact_at(&mut ours[..n], at).is_err() {
+            return Ok(false);
+        }
+        copy.read_exact_at(&mut theirs[..n], at)?;
+        if ours[..n] != theirs[..n] {
+            return Ok(false);
+        }
+        at += n as u64;
+    }
+    Ok(true)
+}
