@@ -131,6 +131,20 @@ impl Volume {
         Direct::new(&format!("{bucket_root}?{query}"))
     }
 
+    /// What the mount counted so far, asked over its control socket.
+    pub fn metrics(&self) -> cairn_fs::metrics::MetricsSnapshot {
+        use std::io::{BufRead, Write};
+        let socket = cairn_fs::control::socket_path(&self.mountpoint);
+        let mut stream = std::os::unix::net::UnixStream::connect(&socket)
+            .unwrap_or_else(|e| panic!("the control socket {} answers: {e}", socket.display()));
+        stream.write_all(b"metrics\n").unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(stream)
+            .read_line(&mut line)
+            .unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("metrics as JSON: {e}: {line}"))
+    }
+
     /// Runs `cairn flush` on the mount: returns once the store holds every change.
     pub fn flush(&self) -> String {
         let output = Command::new(env!("CARGO_BIN_EXE_cairn"))
