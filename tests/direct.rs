@@ -8,6 +8,7 @@ mod common;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
 
 use common::Volume;
 
@@ -107,4 +108,61 @@ fn a_file_open_directly_can_be_opened_any_way_meanwhile() {
     drop(appender);
     // And once every handle is closed, a read goes straight to the cache again.
     assert_eq!(fs::read(volume.path("shared")).unwrap(), b"AB23456789++!");
+}
+
+#[test]
+fn a_file_written_afresh_and_rewritten_without_pause_is_never_torn_in_the_store() {
+    let volume = Volume::new(&["--writeback-delay", "0", "--max-dirty-age", "0.2"]);
+    let store = volume.direct();
+    let (size, chunk) = (4 << 20, 256 << 10);
+    let file = File::create(volume.path("hot")).unwrap();
+    let writer = std::thread::spawn(move || {
+        let started = Instant::now();
+        let mut version = 0u8;
+        while started.elapsed() < Duration::from_secs(4) {
+            version = version.wrapping_add(1);
+            for at in (0..size).step_by(chunk) {
+                file.write_all_at(&vec![version; chunk], at as u64).unwrap();
+            }
+        }
+        // Still open, the writes paused: this version is uploaded without waiting for a close.
+        (file, version)
+    });
+    let check = |body: &[u8]| {
+        // Version `v` over `v - 1`: the first chunks new, the rest old (or not yet written, while
+        // the first version is under way).
+        let first = body[0];
+        let boundary = body.iter().position(|b| *b != first).unwrap_or(body.len());
+        assert!(
+            boundary % chunk == 0
+                && body[boundary..]
+                    .iter()
+                    .all(|b| *b == first.wrapping_sub(1) || (first == 1 && *b == 0)),
+            "a torn object: starts {:?}, changes at {boundary}",
+            &body[..4]
+        );
+    };
+    while !writer.is_finished() {
+        if let Some((_, body)) = store.get(&volume.key("hot")).filter(|(_, b)| !b.is_empty()) {
+            check(&body);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (file, last) = writer.join().unwrap();
+    let started = Instant::now();
+    loop {
+        let stored = store.get(&volume.key("hot")).map(|(_, body)| body);
+        if let Some(body) = stored.as_ref().filter(|b| b.len() == size) {
+            check(body);
+            if body.iter().all(|b| *b == last) {
+                break;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "version {last} not uploaded while the file stayed open, its writes paused"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(file);
 }

@@ -184,16 +184,17 @@ fn is_a_real_version(body: &[u8], chunk: usize) -> bool {
     boundary % chunk == 0 && body[boundary..].iter().all(|b| *b == first.wrapping_sub(1))
 }
 
+/// A database's way: the file exists, and is opened to be written in place (no truncation), so
+/// every write goes through the mount (a file written afresh is tested in tests/direct.rs).
 #[test]
 fn objects_are_never_torn_while_the_application_keeps_writing() {
     let volume = Volume::new(&["--writeback-delay", "0", "--max-dirty-age", "0.2"]);
     let store = volume.direct();
     let (size, chunk) = (8 << 20, 256 << 10);
+    fs::write(volume.path("hot"), b"").unwrap();
     let file = OpenOptions::new()
         .read(true)
         .write(true)
-        .create(true)
-        .truncate(true)
         .open(volume.path("hot"))
         .unwrap();
     file.write_all_at(&vec![0u8; size], 0).unwrap();
