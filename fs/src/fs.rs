@@ -2517,7 +2517,7 @@ impl Filesystem {
 
     async fn truncate(&self, ino: u64, new_size: u64) -> FsResult<()> {
         let data = self.file_data(ino).await?;
-        let mut content = data.content.lock().await;
+        let mut content = Self::lock_for_change(&data, true).await;
         let size = data.size.load(Ordering::Acquire);
         // Only the bytes that survive need fetching.
         content.remote_limit = content.remote_limit.min(new_size);

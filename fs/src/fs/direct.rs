@@ -19,16 +19,17 @@
 //! - when a direct writer is released after an upload read the file while it was open, the
 //!   file counts as changed again, so the version the last writer left is uploaded.
 //!
-//! While direct handles are open the cache file stays where the kernel has it: a change made
-//! through the mount (a truncate) does not move it to a copy during an upload, as it otherwise
-//! would ([`Filesystem::copy_aside`]).
+//! While direct handles are open the cache file stays where the kernel has it: a change (a
+//! writer joining direct readers, a truncate) cannot move it to a copy during an upload that
+//! reads it, as it otherwise would ([`Filesystem::copy_aside`]); it waits for that upload's
+//! read to end instead.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::upload::copy_cache_file;
 use super::{Content, FileData, Filesystem, Handle, blocking};
@@ -69,6 +70,9 @@ pub(super) enum Open {
     WritesAfresh,
 }
 
+/// How often a change waiting for an upload to stop reading a cache file looks again.
+const UPLOAD_READ_POLL: Duration = Duration::from_millis(20);
+
 /// How many times an upload copies a file being written directly before it tries later.
 const SETTLE_ATTEMPTS: usize = 4;
 
@@ -103,7 +107,7 @@ impl Filesystem {
         data: &FileData,
         open: Open,
     ) -> FsResult<Option<Arc<File>>> {
-        let mut content = data.content.lock().await;
+        let mut content = Self::lock_for_change(data, open != Open::Reads).await;
         let size = data.size.load(Ordering::Acquire);
         let direct = if content.routes.direct > 0 {
             true
@@ -277,6 +281,24 @@ impl Filesystem {
             ))))
         })
         .await
+    }
+
+    /// `data`'s lock, for a change (`changes`) that cannot move the cache file aside from an
+    /// upload reading it, since the kernel holds it for direct handles: the change waits until
+    /// no upload reads the file itself.
+    pub(super) async fn lock_for_change(
+        data: &FileData,
+        changes: bool,
+    ) -> tokio::sync::MutexGuard<'_, Content> {
+        loop {
+            let content = data.content.lock().await;
+            let read = Arc::strong_count(&content.upload_readers) > 1;
+            if !(changes && read && Self::held_by_kernel(&content)) {
+                return content;
+            }
+            drop(content);
+            tokio::time::sleep(UPLOAD_READ_POLL).await;
+        }
     }
 
     /// Whether the cache file must stay where it is (the kernel holds it for direct handles).
