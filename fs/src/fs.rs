@@ -2612,7 +2612,11 @@ impl Filesystem {
             return self.log(|j| j.sync()).await;
         }
         match self.queue_upload(&data, false).await? {
-            Some(seq) => self.wait_applied(seq).await,
+            Some(seq) => {
+                // Changes made before it wait for the fsync too: none waits out its delay.
+                self.log(move |j| j.hurry_up_to(seq)).await?;
+                self.wait_applied(seq).await
+            }
             None => Ok(()),
         }
     }

@@ -474,6 +474,22 @@ impl Journal {
         Ok(Some(seq))
     }
 
+    /// Makes every pending change up to `seq` due now (an fsync waits for all of them).
+    pub fn hurry_up_to(&mut self, seq: u64) -> FsResult<()> {
+        let mut hurried = false;
+        for entry in self.entries.range_mut(..=seq).map(|(_, entry)| entry) {
+            hurried |= entry.not_before != SystemTime::UNIX_EPOCH;
+            entry.not_before = SystemTime::UNIX_EPOCH;
+        }
+        if hurried {
+            self.db.execute(
+                "UPDATE changes SET not_before = 0 WHERE seq <= ?1",
+                params![seq as i64],
+            )?;
+        }
+        Ok(())
+    }
+
     /// Makes every pending change due now (unmount, `cairn flush`).
     pub fn hurry_all(&mut self) -> FsResult<()> {
         let due: Vec<u64> = self.entries.keys().copied().collect();
@@ -721,6 +737,37 @@ mod tests {
         journal.remove(runnable[0].seq).unwrap();
         let next = journal.take_runnable(now(), 10);
         assert_eq!(next[0].key, "d/f");
+    }
+
+    #[test]
+    fn an_fsync_hurries_the_changes_before_it_and_no_later_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.db");
+        let mut journal = Journal::open(&path).unwrap();
+        let later = now() + std::time::Duration::from_secs(600);
+        journal.record("a", put("f1"), false, later).unwrap();
+        let fsynced = journal
+            .record("b", put("f2"), false, now())
+            .unwrap()
+            .unwrap();
+        journal.record("c", put("f3"), false, later).unwrap();
+        assert_eq!(journal.take_runnable(now(), 10).len(), 1, "only b is due");
+        journal.hurry_up_to(fsynced).unwrap();
+        let due: Vec<String> = journal
+            .take_runnable(now(), 10)
+            .into_iter()
+            .map(|e| e.key)
+            .collect();
+        assert_eq!(due, ["a"], "a is due now, c still waits");
+        // On disk too: a restart finds a due.
+        drop(journal);
+        let mut reopened = Journal::open(&path).unwrap();
+        let due: Vec<String> = reopened
+            .take_runnable(now(), 10)
+            .into_iter()
+            .map(|e| e.key)
+            .collect();
+        assert_eq!(due, ["a", "b"]);
     }
 
     #[test]
