@@ -1997,7 +1997,10 @@ impl Filesystem {
         data.opens.fetch_add(1, Ordering::AcqRel);
         let keep_cache = {
             let mut content = data.content.lock().await;
-            let keep = content.kernel_cached.is_some() && content.kernel_cached == content.etag;
+            // A truncating open (the kernel leaves O_TRUNC to the mount) drops the page cache.
+            let keep = flags & libc::O_TRUNC == 0
+                && content.kernel_cached.is_some()
+                && content.kernel_cached == content.etag;
             content.kernel_cached = content.etag.clone();
             keep
         };

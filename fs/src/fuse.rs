@@ -186,6 +186,9 @@ impl fuser::Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Ask for readdirplus so that `ls -l` needs no lookup per entry; older kernels say no.
         let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
+        // O_TRUNC comes with the open (not as a separate truncate after it), so that an open
+        // that truncates a file may go direct (see `Filesystem::open`).
+        let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
         let _ = config.set_max_readahead(1 << 20);
         // Passthrough (Linux 6.9+): with a stacking depth of 1 the cache directory must not be
         // on a stacked filesystem (overlayfs), and cairn's mount may be below one.
