@@ -269,18 +269,28 @@ import sys
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+def ratio(cell):
+    try:
+        return float(cell)
+    except ValueError:
+        return float("nan")  # that peer was not run: no bar
+
+
 rows = []
 for line in open(sys.argv[1]):
     cells = [c.strip() for c in line.strip().strip("|").split("|")]
     if len(cells) == 7 and cells[0] not in ("workload", "---"):
-        try:
-            rows.append((cells[0], float(cells[5]), float(cells[6])))
-        except ValueError:
-            pass
+        ratios = [ratio(cell) for cell in cells[5:7]]
+        if any(r == r for r in ratios):
+            rows.append((cells[0], *ratios))
+peers = [(n, label) for n, label in ((1, "cairn / rclone"), (2, "cairn / s3fs"))
+         if any(r[n] == r[n] for r in rows)]
 fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.5))
 y = range(len(rows))
-ax.barh([i - 0.2 for i in y], [r[1] for r in rows], 0.4, label="cairn / rclone")
-ax.barh([i + 0.2 for i in y], [r[2] for r in rows], 0.4, label="cairn / s3fs")
+width = 0.8 / max(len(peers), 1)
+for k, (n, label) in enumerate(peers):
+    offset = (k - (len(peers) - 1) / 2) * width
+    ax.barh([i + offset for i in y], [r[n] for r in rows], width, label=label)
 ax.axvline(1, color="black", linewidth=0.8)
 ax.set_yticks(list(y), [r[0] for r in rows], fontsize=8)
 ax.invert_yaxis()
