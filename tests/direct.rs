@@ -117,16 +117,9 @@ fn a_file_written_afresh_and_rewritten_without_pause_is_never_torn_in_the_store(
     let (size, chunk) = (4 << 20, 256 << 10);
     let file = File::create(volume.path("hot")).unwrap();
     let writer = std::thread::spawn(move || {
-        let started = Instant::now();
-        let mut version = 0u8;
-        while started.elapsed() < Duration::from_secs(4) {
-            version = version.wrapping_add(1);
-            for at in (0..size).step_by(chunk) {
-                file.write_all_at(&vec![version; chunk], at as u64).unwrap();
-            }
-        }
+        let last = common::rewrite_in_versions(&file, size, chunk, Duration::from_secs(4));
         // Still open, the writes paused: this version is uploaded without waiting for a close.
-        (file, version)
+        (file, last)
     });
     let check = |body: &[u8]| {
         // Version `v` over `v - 1`: the first chunks new, the rest old (or not yet written, while

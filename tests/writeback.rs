@@ -201,15 +201,7 @@ fn objects_are_never_torn_while_the_application_keeps_writing() {
     // From here on every version the file has is `size` bytes long.
     file.sync_all().unwrap();
     let writer = std::thread::spawn(move || {
-        let started = Instant::now();
-        let mut version = 0u8;
-        while started.elapsed() < Duration::from_secs(8) {
-            version = version.wrapping_add(1);
-            for at in (0..size).step_by(chunk) {
-                file.write_all_at(&vec![version; chunk], at as u64).unwrap();
-            }
-        }
-        version
+        common::rewrite_in_versions(&file, size, chunk, Duration::from_secs(8))
     });
     let mut seen = std::collections::HashSet::new();
     while !writer.is_finished() {

@@ -13,6 +13,27 @@ use std::time::{Duration, Instant};
 use cairn_fs::store::{Metadata, SharedStore, StoreExt, StoreSpec, open_store};
 use cairn_testkit::S3Server;
 
+/// Writes version 1, 2, 3... (each byte the version's number, wrapping) over the first `size`
+/// bytes of `file`, `chunk` bytes a write in order, without pause for `how_long`; returns the
+/// last version written.
+pub fn rewrite_in_versions(
+    file: &std::fs::File,
+    size: usize,
+    chunk: usize,
+    how_long: Duration,
+) -> u8 {
+    use std::os::unix::fs::FileExt;
+    let started = Instant::now();
+    let mut version = 0u8;
+    while started.elapsed() < how_long {
+        version = version.wrapping_add(1);
+        for at in (0..size).step_by(chunk) {
+            file.write_all_at(&vec![version; chunk], at as u64).unwrap();
+        }
+    }
+    version
+}
+
 /// Fails loudly when the machine cannot run FUSE tests.
 pub fn require_fuse() {
     assert!(
