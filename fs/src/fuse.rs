@@ -38,8 +38,8 @@ struct Backings {
 }
 
 impl Backings {
-    /// The reference for direct handle `fh` of file `ino`, made from `file` by `register`
-    /// unless one is live already.
+    /// The reference for direct handle `fh` of file `ino`: the file's live one, else a new one
+    /// from `register`.
     fn get_or_register(
         &mut self,
         ino: u64,
@@ -60,8 +60,7 @@ impl Backings {
     }
 }
 
-/// The kernel's reference for direct handle `fh` of file `ino`: the file's live one, else one
-/// `register` makes. None, with a warning, if the kernel refused.
+/// [`Backings::get_or_register`] under the lock; None, with a warning, if the kernel refused.
 fn direct_backing(
     backings: &Mutex<Backings>,
     ino: u64,
