@@ -1988,7 +1988,8 @@ impl Filesystem {
     }
 
     pub async fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
-        let writes = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        let truncates = flags & libc::O_TRUNC != 0;
+        let writes = flags & libc::O_ACCMODE != libc::O_RDONLY || truncates;
         if writes {
             self.writable()?;
         }
@@ -1998,26 +1999,25 @@ impl Filesystem {
         let keep_cache = {
             let mut content = data.content.lock().await;
             // A truncating open (the kernel leaves O_TRUNC to the mount) drops the page cache.
-            let keep = flags & libc::O_TRUNC == 0
+            let keep = !truncates
                 && content.kernel_cached.is_some()
                 && content.kernel_cached == content.etag;
             content.kernel_cached = content.etag.clone();
             keep
         };
         let fh = self.new_handle(ino);
-        let truncated = match flags & libc::O_TRUNC {
-            0 => Ok(()),
-            _ => self.truncate(ino, 0).await,
+        let truncated = if truncates {
+            self.truncate(ino, 0).await
+        } else {
+            Ok(())
+        };
+        let open = match (writes, truncates) {
+            (false, _) => Open::Reads,
+            (true, false) => Open::Writes,
+            (true, true) => Open::WritesAfresh,
         };
         let routed = match truncated {
-            Ok(()) => {
-                let open = match (writes, flags & libc::O_TRUNC != 0) {
-                    (false, _) => Open::Reads,
-                    (true, false) => Open::Writes,
-                    (true, true) => Open::WritesAfresh,
-                };
-                self.choose_route(fh, &data, open).await
-            }
+            Ok(()) => self.choose_route(fh, &data, open).await,
             Err(err) => Err(err),
         };
         match routed {

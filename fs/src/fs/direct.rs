@@ -211,10 +211,16 @@ impl Filesystem {
         Ok(())
     }
 
-    /// [`Self::note_direct_writes`] for inode `ino`, if direct writers have it open.
+    /// [`Self::note_direct_writes`] for inode `ino`, if direct writers have it open (on every
+    /// `getattr` and `lookup`: a file nobody writes directly costs one look at a counter).
     pub(super) async fn note_direct_writes_to(&self, ino: u64) -> FsResult<()> {
-        let data = self.ns().get(ino).and_then(|i| i.file.clone());
-        match data {
+        let written = self
+            .ns()
+            .get(ino)
+            .and_then(|i| i.file.as_ref())
+            .filter(|data| data.direct_writers.load(Ordering::Acquire) > 0)
+            .cloned();
+        match written {
             Some(data) => self.note_direct_writes(&data, Look::Compare).await,
             None => Ok(()),
         }
