@@ -101,6 +101,13 @@ fn change_log(c: &mut Criterion) {
     c.bench_function("change log: take, 10,000 changes waiting", |b| {
         b.iter(|| black_box(journal.take_runnable(SystemTime::now(), 8).len()))
     });
+    // ...and asks when the next is due, and whether a file it uploaded is still needed.
+    c.bench_function("change log: next due, 10,000 changes waiting", |b| {
+        b.iter(|| black_box(journal.next_due()))
+    });
+    c.bench_function("change log: is a cache file pending, 10,000 waiting", |b| {
+        b.iter(|| black_box(journal.uploads_cache_file("w5000")))
+    });
 }
 
 criterion_group!(hot_paths, ranges, index, change_log);

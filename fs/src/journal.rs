@@ -196,7 +196,7 @@ impl Entry {
     }
 }
 
-/// The keys of the entries met so far in [`Journal::take_runnable_where`]'s walk.
+/// The keys of the entries met so far in [`Journal::take_up_to`]'s walk.
 #[derive(Default)]
 struct EarlierKeys<'a>(BTreeSet<&'a str>);
 
@@ -246,7 +246,22 @@ pub struct Journal {
     /// key -> seqs of its pending entries, oldest first.
     by_key: HashMap<String, Vec<u64>>,
     in_flight: HashSet<u64>,
+    /// Kept in step with `entries` and `in_flight` by [`Journal::track`] and
+    /// [`Journal::untrack`], so that the uploader's questions after every request cost a lookup,
+    /// not a walk over thousands of waiting changes.
+    index: Index,
     next_seq: u64,
+}
+
+/// What the uploader asks of the journal, indexed.
+#[derive(Debug, Default)]
+struct Index {
+    /// Entries not started, by due time.
+    waiting: BTreeSet<(SystemTime, u64)>,
+    /// Entries that delete a file's object.
+    deletes: BTreeSet<u64>,
+    /// Cache file name -> how many entries upload it.
+    cache_files: HashMap<String, usize>,
 }
 
 impl Journal {
@@ -271,6 +286,7 @@ impl Journal {
             entries: BTreeMap::new(),
             by_key: HashMap::new(),
             in_flight: HashSet::new(),
+            index: Index::default(),
             next_seq: 1,
         };
         let loaded: Vec<Entry> = {
@@ -313,9 +329,62 @@ impl Journal {
                 .entry(entry.key.clone())
                 .or_default()
                 .push(entry.seq);
-            journal.entries.insert(entry.seq, entry);
+            let seq = entry.seq;
+            journal.entries.insert(seq, entry);
+            journal.track(seq);
         }
         Ok(journal)
+    }
+
+    /// Adds entry `seq` as it is now to the index.
+    fn track(&mut self, seq: u64) {
+        let Some(entry) = self.entries.get(&seq) else {
+            return;
+        };
+        if !self.in_flight.contains(&seq) {
+            self.index.waiting.insert((entry.not_before, seq));
+        }
+        match &entry.change {
+            Change::Delete => {
+                self.index.deletes.insert(seq);
+            }
+            Change::PutFile { cache_file, .. } => {
+                *self
+                    .index
+                    .cache_files
+                    .entry(cache_file.clone())
+                    .or_default() += 1;
+            }
+            _ => {}
+        }
+    }
+
+    /// Takes entry `seq` as it is now out of the index (before it changes or goes).
+    fn untrack(&mut self, seq: u64) {
+        let Some(entry) = self.entries.get(&seq) else {
+            return;
+        };
+        self.index.waiting.remove(&(entry.not_before, seq));
+        self.index.deletes.remove(&seq);
+        if let Change::PutFile { cache_file, .. } = &entry.change
+            && let Some(count) = self.index.cache_files.get_mut(cache_file)
+        {
+            *count -= 1;
+            if *count == 0 {
+                self.index.cache_files.remove(cache_file);
+            }
+        }
+    }
+
+    /// Changes entry `seq` in memory, keeping the index in step; returns it as changed.
+    fn change_entry(&mut self, seq: u64, change: impl FnOnce(&mut Entry)) -> Option<Entry> {
+        self.untrack(seq);
+        let entry = self.entries.get_mut(&seq).map(|entry| {
+            change(entry);
+            entry.clone()
+        });
+        self.track(seq);
+        entry
     }
 
     fn write_row(&self, entry: &Entry) -> FsResult<()> {
@@ -389,11 +458,13 @@ impl Journal {
         // In place only over a change of the same store object: a directory's marker (`key/`)
         // and a file's object (`key`) are different objects, so neither replaces the other.
         if let Some(seq) = self.replaceable(key).filter(same_kind) {
-            let entry = self.entries.get_mut(&seq).expect("indexed entries exist");
-            entry.change = change;
-            // The earlier due time stands: repeated closes do not postpone an upload.
-            entry.not_before = entry.not_before.min(not_before);
-            let entry = entry.clone();
+            let entry = self
+                .change_entry(seq, |entry| {
+                    entry.change = change;
+                    // The earlier due time stands: repeated closes do not postpone an upload.
+                    entry.not_before = entry.not_before.min(not_before);
+                })
+                .expect("indexed entries exist");
             self.write_row(&entry)?;
             return Ok(Some(seq));
         }
@@ -409,6 +480,7 @@ impl Journal {
         self.write_row(&entry)?;
         self.by_key.entry(key.to_string()).or_default().push(seq);
         self.entries.insert(seq, entry);
+        self.track(seq);
         Ok(Some(seq))
     }
 
@@ -449,12 +521,12 @@ impl Journal {
         let Some(seq) = self.replaceable(key) else {
             return Ok(false);
         };
-        let entry = self.entries.get_mut(&seq).expect("indexed entries exist");
-        if entry.change.outcome().is_none() {
+        if self.entries[&seq].change.outcome().is_none() {
             return Ok(false);
         }
-        entry.change = entry.change.with_attrs(attrs);
-        let entry = entry.clone();
+        let entry = self
+            .change_entry(seq, |entry| entry.change = entry.change.with_attrs(attrs))
+            .expect("indexed entries exist");
         self.write_row(&entry)?;
         Ok(true)
     }
@@ -464,11 +536,10 @@ impl Journal {
         let Some(seq) = self.by_key.get(key).and_then(|s| s.last().copied()) else {
             return Ok(None);
         };
-        if let Some(entry) = self.entries.get_mut(&seq)
-            && !self.in_flight.contains(&seq)
+        if !self.in_flight.contains(&seq)
+            && let Some(entry) =
+                self.change_entry(seq, |entry| entry.not_before = SystemTime::UNIX_EPOCH)
         {
-            entry.not_before = SystemTime::UNIX_EPOCH;
-            let entry = entry.clone();
             self.write_row(&entry)?;
         }
         Ok(Some(seq))
@@ -476,12 +547,16 @@ impl Journal {
 
     /// Makes every pending change up to `seq` due now (an fsync waits for all of them).
     pub fn hurry_up_to(&mut self, seq: u64) -> FsResult<()> {
-        let mut hurried = false;
-        for entry in self.entries.range_mut(..=seq).map(|(_, entry)| entry) {
-            hurried |= entry.not_before != SystemTime::UNIX_EPOCH;
-            entry.not_before = SystemTime::UNIX_EPOCH;
+        let hurried: Vec<u64> = self
+            .entries
+            .range(..=seq)
+            .filter(|(_, entry)| entry.not_before != SystemTime::UNIX_EPOCH)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in &hurried {
+            self.change_entry(*seq, |entry| entry.not_before = SystemTime::UNIX_EPOCH);
         }
-        if hurried {
+        if !hurried.is_empty() {
             self.db.execute(
                 "UPDATE changes SET not_before = 0 WHERE seq <= ?1",
                 params![seq as i64],
@@ -494,9 +569,7 @@ impl Journal {
     pub fn hurry_all(&mut self) -> FsResult<()> {
         let due: Vec<u64> = self.entries.keys().copied().collect();
         for seq in due {
-            if let Some(entry) = self.entries.get_mut(&seq) {
-                entry.not_before = SystemTime::UNIX_EPOCH;
-            }
+            self.change_entry(seq, |entry| entry.not_before = SystemTime::UNIX_EPOCH);
         }
         self.db.execute("UPDATE changes SET not_before = 0", [])?;
         Ok(())
@@ -517,6 +590,7 @@ impl Journal {
 
     /// Drops an entry from memory.
     pub fn forget(&mut self, seq: u64) {
+        self.untrack(seq);
         self.in_flight.remove(&seq);
         if let Some(entry) = self.entries.remove(&seq)
             && let Some(seqs) = self.by_key.get_mut(&entry.key)
@@ -531,25 +605,47 @@ impl Journal {
     /// Entries that may start now: due, not started, and with no earlier related entry still
     /// pending. At most `limit`.
     pub fn take_runnable(&mut self, now: SystemTime, limit: usize) -> Vec<Entry> {
-        self.take_runnable_where(now, limit, |_| true)
+        if self.next_due().is_none_or(|due| due > now) {
+            return Vec::new();
+        }
+        // The walk ends at the last candidate (looked for from the end, where the newest
+        // changes wait out their delay): later entries hold back nothing before them.
+        let last = self
+            .entries
+            .values()
+            .rev()
+            .find(|e| e.not_before <= now && !self.in_flight.contains(&e.seq))
+            .map(|e| e.seq);
+        self.take_up_to(now, limit, last, |_| true)
     }
 
-    /// [`Journal::take_runnable`] of the entries `wanted` picks (the others still hold back
-    /// the entries related to them).
-    pub fn take_runnable_where(
+    /// [`Journal::take_runnable`] of the deletes of files only (the other entries still hold
+    /// back the deletes related to them).
+    pub fn take_runnable_deletes(&mut self, now: SystemTime, limit: usize) -> Vec<Entry> {
+        let last = self
+            .index
+            .deletes
+            .iter()
+            .rev()
+            .copied()
+            .find(|seq| !self.in_flight.contains(seq) && self.entries[seq].not_before <= now);
+        self.take_up_to(now, limit, last, |e| e.change == Change::Delete)
+    }
+
+    /// Walks the entries up to `last` (the last candidate, if any), and starts at most `limit`
+    /// of the due ones `wanted` picks that no earlier entry holds back.
+    fn take_up_to(
         &mut self,
         now: SystemTime,
         limit: usize,
+        last: Option<u64>,
         wanted: impl Fn(&Entry) -> bool,
     ) -> Vec<Entry> {
-        let candidate =
-            |e: &Entry| e.not_before <= now && !self.in_flight.contains(&e.seq) && wanted(e);
-        // The walk ends at the last candidate (looked for from the end, where the newest
-        // changes wait out their delay): later entries hold back nothing before them.
-        let Some(last) = self.entries.values().rev().find(|e| candidate(e)) else {
+        let Some(last) = last else {
             return Vec::new();
         };
-        let last = last.seq;
+        let candidate =
+            |e: &Entry| e.not_before <= now && !self.in_flight.contains(&e.seq) && wanted(e);
         let mut picked = Vec::new();
         // Every earlier entry holds back the later ones related to it; indexed by key, so that
         // thousands of waiting changes (a big untar) cost a lookup each, not a scan each.
@@ -565,6 +661,7 @@ impl Journal {
         }
         for entry in &picked {
             self.in_flight.insert(entry.seq);
+            self.index.waiting.remove(&(entry.not_before, entry.seq));
         }
         picked
     }
@@ -574,16 +671,13 @@ impl Journal {
         self.in_flight.remove(&seq);
         if let Some(entry) = self.entries.get_mut(&seq) {
             entry.not_before = entry.not_before.max(not_before);
+            self.index.waiting.insert((entry.not_before, seq));
         }
     }
 
     /// When the next waiting entry is due, if any.
     pub fn next_due(&self) -> Option<SystemTime> {
-        self.entries
-            .values()
-            .filter(|e| !self.in_flight.contains(&e.seq))
-            .map(|e| e.not_before)
-            .min()
+        self.index.waiting.first().map(|(due, _)| *due)
     }
 
     pub fn len(&self) -> usize {
@@ -605,8 +699,7 @@ impl Journal {
 
     /// Whether a pending change will upload cache file `name`.
     pub fn uploads_cache_file(&self, name: &str) -> bool {
-        self.entries()
-            .any(|e| matches!(&e.change, Change::PutFile { cache_file, .. } if cache_file == name))
+        self.index.cache_files.contains_key(name)
     }
 
     /// Pending changes of the direct children of directory `prefix` ("" or "dir/").
@@ -787,6 +880,137 @@ mod tests {
         );
         journal.remove(started[0].seq).unwrap();
         assert_eq!(journal.take_runnable(now(), 10)[0].seq, newer);
+    }
+
+    /// The index as sorted lists: waiting (due, seq), deletes, cache files with their counts.
+    type IndexView = (Vec<(SystemTime, u64)>, Vec<u64>, Vec<(String, usize)>);
+
+    impl Journal {
+        /// The index as a walk over every entry computes it.
+        fn index_by_walking(&self) -> IndexView {
+            let mut waiting: Vec<_> = self
+                .entries
+                .values()
+                .filter(|e| !self.in_flight.contains(&e.seq))
+                .map(|e| (e.not_before, e.seq))
+                .collect();
+            waiting.sort();
+            let deletes = self
+                .entries
+                .values()
+                .filter(|e| e.change == Change::Delete)
+                .map(|e| e.seq)
+                .collect();
+            let mut cache_files = HashMap::<String, usize>::new();
+            for entry in self.entries.values() {
+                if let Change::PutFile { cache_file, .. } = &entry.change {
+                    *cache_files.entry(cache_file.clone()).or_default() += 1;
+                }
+            }
+            let mut cache_files: Vec<_> = cache_files.into_iter().collect();
+            cache_files.sort();
+            (waiting, deletes, cache_files)
+        }
+
+        fn index_as_kept(&self) -> IndexView {
+            let mut cache_files: Vec<_> = self
+                .index
+                .cache_files
+                .iter()
+                .map(|(name, count)| (name.clone(), *count))
+                .collect();
+            cache_files.sort();
+            (
+                self.index.waiting.iter().copied().collect(),
+                self.index.deletes.iter().copied().collect(),
+                cache_files,
+            )
+        }
+    }
+
+    /// Thousands of mixed operations (records that replace or cancel, takes, retries, hurries,
+    /// applied entries) leave the index what a walk over the entries says, and so after a
+    /// reopen.
+    #[test]
+    fn the_index_stays_in_step_with_the_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.db");
+        let mut journal = Journal::open(&path).unwrap();
+        let start = now();
+        let mut state = 7u64;
+        let mut next = |below: u64| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) % below
+        };
+        for step in 0..3000u64 {
+            let key = format!("d{}/f{}", next(3), next(8));
+            let at = start + Duration::from_millis(next(50));
+            match next(10) {
+                0..=2 => {
+                    let file = format!("c{}", next(6));
+                    journal.record(&key, put(&file), next(2) == 0, at).unwrap();
+                }
+                3 => {
+                    journal
+                        .record(&key, Change::Delete, next(2) == 0, at)
+                        .unwrap();
+                }
+                4 => {
+                    let dir = format!("d{}", next(3));
+                    let change = [Change::PutDir { attrs: attrs() }, Change::DeleteDir];
+                    let change = change[next(2) as usize].clone();
+                    journal.record(&dir, change, true, at).unwrap();
+                }
+                5 => {
+                    let when = start + Duration::from_millis(next(60));
+                    journal.take_runnable(when, 1 + next(3) as usize);
+                    journal.take_runnable_deletes(when, 1 + next(3) as usize);
+                }
+                6 => {
+                    if let Some(seq) = journal.in_flight.iter().next().copied() {
+                        if next(2) == 0 {
+                            journal.retry_later(seq, at);
+                        } else {
+                            journal.remove(seq).unwrap();
+                        }
+                    }
+                }
+                7 => {
+                    journal.hurry(&key).unwrap();
+                }
+                8 => {
+                    let attrs = StoredAttrs {
+                        mtime_ns: step.into(),
+                        ..attrs()
+                    };
+                    journal.update_attrs(&key, attrs).unwrap();
+                }
+                _ => match next(20) {
+                    0 => journal.hurry_all().unwrap(),
+                    1 => journal.discard(&key).unwrap(),
+                    _ => journal.hurry_up_to(next(step + 1)).unwrap(),
+                },
+            }
+            assert_eq!(
+                journal.index_as_kept(),
+                journal.index_by_walking(),
+                "step {step}"
+            );
+            let walked = journal.index_by_walking();
+            assert_eq!(journal.next_due(), walked.0.first().map(|(due, _)| *due));
+            for name in ["c0", "c3", "c5"] {
+                assert_eq!(
+                    journal.uploads_cache_file(name),
+                    walked.2.iter().any(|(file, _)| file == name)
+                );
+            }
+        }
+        assert!(!journal.entries.is_empty() && !journal.in_flight.is_empty());
+        drop(journal);
+        let reopened = Journal::open(&path).unwrap();
+        assert_eq!(reopened.index_as_kept(), reopened.index_by_walking());
     }
 
     #[test]

@@ -181,7 +181,7 @@ impl Filesystem {
                 let mut journal = self.journal();
                 // Deletes due together go in one request (an `rm -r` records hundreds at once).
                 let most = if failing { 1 } else { DELETE_BATCH };
-                deletes = journal.take_runnable_where(now, most, |e| e.change == Change::Delete);
+                deletes = journal.take_runnable_deletes(now, most);
                 let room = room - usize::from(!deletes.is_empty());
                 batch = journal.take_runnable(now, room);
             }
