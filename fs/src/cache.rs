@@ -211,6 +211,11 @@ impl Cache {
         free_bytes(&self.dir).is_none_or(|free| free >= 2 * size + (16 << 20))
     }
 
+    /// Free bytes on the cache disk (None if the system cannot tell).
+    pub fn free_bytes(&self) -> Option<u64> {
+        free_bytes(&self.dir)
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

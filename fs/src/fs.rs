@@ -258,6 +258,10 @@ pub struct Filesystem {
     attempts: Mutex<HashMap<u64, u32>>,
     /// Bytes of changed data not yet in the store (refreshed by the uploader).
     dirty_bytes: AtomicU64,
+    /// The cache disk's free bytes at the uploader's last count of the cache, and when: while
+    /// they stay the same, nothing was written to or removed from the cache, so it is not
+    /// counted again (one `stat` per cache file, every second, on an idle mount).
+    last_cache_count: Mutex<Option<(u64, Instant)>>,
     /// Set when this mount may no longer write to the store (its lease was taken over): why.
     fenced: Mutex<Option<String>>,
     /// With a lease: until when the last renewal lets this mount write to the store.
@@ -411,6 +415,7 @@ impl Filesystem {
             status: Mutex::new(Status::default()),
             attempts: Mutex::new(HashMap::new()),
             dirty_bytes: AtomicU64::new(0),
+            last_cache_count: Mutex::new(None),
             fenced: Mutex::new(None),
             uploads_until: Mutex::new(None),
             store_down_until: Arc::default(),

@@ -90,6 +90,9 @@ const STORE_PAUSE_CEILING: Duration = Duration::from_secs(30);
 /// The most deletes one request applies (S3's limit for DeleteObjects).
 const DELETE_BATCH: usize = 1000;
 
+/// The longest the uploader trusts an unchanged cache disk to mean an unchanged cache.
+const CACHE_RECOUNT_AT_LEAST_EVERY: Duration = Duration::from_secs(30);
+
 /// Evicted beyond what a write or read needs, so the next ones find room.
 const ROOM_SLACK: u64 = 8 << 20;
 
@@ -1084,8 +1087,30 @@ impl Filesystem {
     /// between them (a file removed while a writer reopened it would lose that write).
     async fn evict(&self) -> FsResult<()> {
         let (cache, limit) = (self.cache.clone(), self.config.cache_size);
-        let (excess, candidates) = blocking(move || cache.eviction_candidates(limit)).await?;
+        let last = *self
+            .last_cache_count
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let counted = blocking(move || {
+            let free = cache.free_bytes();
+            let unchanged = last.is_some_and(|(then, at)| {
+                Some(then) == free && at.elapsed() < CACHE_RECOUNT_AT_LEAST_EVERY
+            });
+            if unchanged {
+                return Ok(None);
+            }
+            Ok(Some((free, cache.eviction_candidates(limit)?)))
+        })
+        .await?;
+        let Some((free, (excess, candidates))) = counted else {
+            return Ok(());
+        };
         if excess == 0 {
+            // Under the size: counted again only once something changed on the cache disk.
+            *self
+                .last_cache_count
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = free.map(|free| (free, Instant::now()));
             return Ok(());
         }
         self.evict_among(excess, candidates).await
