@@ -18,7 +18,7 @@ use tracing::{Instrument, debug_span};
 
 use crate::attrs::Kind;
 use crate::error::{FsError, FsResult};
-use crate::fs::{Attr, Filesystem, SetAttrs};
+use crate::fs::{Attr, Filesystem, Opened, SetAttrs};
 
 /// The FUSE face of a [`Filesystem`].
 #[derive(Debug)]
@@ -60,17 +60,24 @@ impl Backings {
     }
 }
 
-/// [`Backings::get_or_register`] under the lock; None, with a warning, if the kernel refused.
-fn direct_backing(
+/// The kernel's reference to the cache file of `opened`, a new handle of file `ino`, taken
+/// with `register`: None when the handle is not direct, or when the kernel refused (a warning;
+/// the handle, and every later open, then go through the mount).
+async fn direct_backing(
+    fs: &Filesystem,
     backings: &Mutex<Backings>,
     ino: u64,
-    fh: u64,
-    register: impl FnOnce() -> std::io::Result<BackingId>,
+    opened: &Opened,
+    register: impl FnOnce(&std::fs::File) -> std::io::Result<BackingId>,
 ) -> Option<Arc<BackingId>> {
-    let mut backings = backings.lock().unwrap_or_else(|p| p.into_inner());
-    match backings.get_or_register(ino, fh, register) {
+    let file = opened.direct.as_ref()?;
+    let registered = backings
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_register(ino, opened.fh, || register(file));
+    match registered {
         Ok(backing) => {
-            tracing::debug!(ino, fh, ?backing, "direct open");
+            tracing::debug!(ino, fh = opened.fh, ?backing, "direct open");
             Some(backing)
         }
         Err(err) => {
@@ -78,6 +85,7 @@ fn direct_backing(
                 "the kernel would not read and write cache files itself ({err}); \
                  file data goes through the mount from now on"
             );
+            fs.route_refused(opened.fh).await;
             None
         }
     }
@@ -378,19 +386,14 @@ impl fuser::Filesystem for FuseAdapter {
                 Ok(opened) => opened,
                 Err(err) => return reply.error(errno(&err)),
             };
-            let (fh, flags) = (FileHandle(opened.fh), open_flags(opened.keep_cache));
-            if let Some(file) = opened.direct {
-                let register = || reply.open_backing(&*file);
+            let fh = FileHandle(opened.fh);
+            let register = |file: &std::fs::File| reply.open_backing(file);
+            match direct_backing(&fs, &backings, ino.0, &opened, register).await {
                 // The kernel refuses a direct open asked to keep its page cache (which plays
                 // no part in it).
-                match direct_backing(&backings, ino.0, opened.fh, register) {
-                    Some(backing) => {
-                        return reply.opened_passthrough(fh, FopenFlags::empty(), &backing);
-                    }
-                    None => fs.route_refused(opened.fh).await,
-                }
+                Some(backing) => reply.opened_passthrough(fh, FopenFlags::empty(), &backing),
+                None => reply.opened(fh, open_flags(opened.keep_cache)),
             }
-            reply.opened(fh, flags);
         });
     }
 
@@ -676,20 +679,18 @@ impl fuser::Filesystem for FuseAdapter {
                 Ok(created) => created,
                 Err(err) => return reply.error(errno(&err)),
             };
-            let attr = file_attr(&attr);
-            let (fh, flags) = (FileHandle(opened.fh), open_flags(opened.keep_cache));
-            if let Some(file) = opened.direct {
-                let register = || reply.open_backing(&*file);
-                match direct_backing(&backings, attr.ino.0, opened.fh, register) {
-                    Some(backing) => {
-                        let (generation, flags) = (Generation(0), FopenFlags::empty());
-                        return reply
-                            .created_passthrough(&ttl, &attr, generation, fh, flags, &backing);
-                    }
-                    None => fs.route_refused(opened.fh).await,
+            let (attr, fh, generation) = (file_attr(&attr), FileHandle(opened.fh), Generation(0));
+            let register = |file: &std::fs::File| reply.open_backing(file);
+            match direct_backing(&fs, &backings, attr.ino.0, &opened, register).await {
+                Some(backing) => {
+                    let flags = FopenFlags::empty();
+                    reply.created_passthrough(&ttl, &attr, generation, fh, flags, &backing);
+                }
+                None => {
+                    let flags = open_flags(opened.keep_cache);
+                    reply.created(&ttl, &attr, generation, fh, flags);
                 }
             }
-            reply.created(&ttl, &attr, Generation(0), fh, flags);
         });
     }
 }
