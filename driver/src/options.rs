@@ -13,12 +13,18 @@ pub const VALID_OPTIONS: &[&str] = &[
     "access",
     "cache_size",
     "writeback_delay",
+    "metadata_ttl",
     "fsync",
     "uid",
     "gid",
     "file_mode",
     "dir_mode",
 ];
+
+/// How long an exclusive volume's mount trusts what it learned from the store, unless the volume
+/// says otherwise: it is the volume's only writer, so only tools writing to the store behind its
+/// back can make that knowledge stale (`cairn mount`'s own default, 2 s, is for shared volumes).
+pub const EXCLUSIVE_METADATA_TTL: &str = "60";
 
 /// How hosts share a volume (the cross-host leases enforce `exclusive`; until then it is
 /// recorded and `readonly` mounts read-only).
@@ -54,7 +60,7 @@ impl VolumeOptions {
                 "cache_size" => {
                     parse_size(value).map_err(|why| bad(&why))?;
                 }
-                "writeback_delay" => {
+                "writeback_delay" | "metadata_ttl" => {
                     parse_seconds(value).map_err(|why| bad(&why))?;
                 }
                 "fsync" if value == "store" || value == "local" => {}
@@ -107,12 +113,16 @@ impl VolumeOptions {
         let mut flags = Vec::new();
         for (name, value) in &self.given {
             let flag = match name.as_str() {
-                "cache_size" | "writeback_delay" | "fsync" | "uid" | "gid" | "file_mode"
-                | "dir_mode" => name.replace('_', "-"),
+                "cache_size" | "writeback_delay" | "metadata_ttl" | "fsync" | "uid" | "gid"
+                | "file_mode" | "dir_mode" => name.replace('_', "-"),
                 _ => continue,
             };
             flags.push(format!("--{flag}"));
             flags.push(value.clone());
+        }
+        if self.access() == Access::Exclusive && !self.given.contains_key("metadata_ttl") {
+            flags.push("--metadata-ttl".into());
+            flags.push(EXCLUSIVE_METADATA_TTL.into());
         }
         if self.access() == Access::ReadOnly {
             flags.push("--read-only".into());
@@ -233,6 +243,25 @@ mod tests {
     }
 
     #[test]
+    fn an_exclusive_volume_trusts_its_metadata_longer_unless_told_otherwise() {
+        let ttl_flag = |pairs: &[(&str, &str)]| {
+            let flags = options(pairs).unwrap().mount_flags();
+            let at = flags.iter().position(|f| f == "--metadata-ttl")?;
+            Some(flags[at + 1].clone())
+        };
+        assert_eq!(ttl_flag(&[]).as_deref(), Some(EXCLUSIVE_METADATA_TTL));
+        assert_eq!(ttl_flag(&[("access", "exclusive")]).as_deref(), Some("60"));
+        assert_eq!(ttl_flag(&[("access", "shared")]), None);
+        assert_eq!(ttl_flag(&[("access", "readonly")]), None);
+        let told = [("access", "exclusive"), ("metadata_ttl", "0.5")];
+        assert_eq!(ttl_flag(&told).as_deref(), Some("0.5"));
+        assert_eq!(
+            ttl_flag(&[("access", "shared"), ("metadata_ttl", "10")]).as_deref(),
+            Some("10")
+        );
+    }
+
+    #[test]
     fn bad_options_name_themselves_and_the_valid_ones() {
         let unknown = options(&[("colour", "red")]).unwrap_err();
         assert!(unknown.contains("\"colour\""), "{unknown}");
@@ -246,6 +275,7 @@ mod tests {
             ("uid", "-1"),
             ("file_mode", "999"),
             ("writeback_delay", "-2"),
+            ("metadata_ttl", "soon"),
             ("access", "everyone"),
             ("path", "../other"),
             ("path", "a//b"),
