@@ -1,6 +1,7 @@
 //! The store's own speed, for benches/peers.sh: writes MIB MiB to one object through cairn's
 //! store client alone (the AWS SDK; multipart, 8 MiB parts, 8 in flight), then reads it back in
-//! ranged GETs of 8 MiB, 8 in flight. Prints `put SECONDS` and `get SECONDS`.
+//! ranged GETs of 8 MiB, 8 in flight. Prints `parts SECONDS` (until every part is in),
+//! `put SECONDS` (until the upload is complete) and `get SECONDS`.
 //!
 //!     cargo run --release -p cairn-fs --example raw_store -- SPEC MIB
 
@@ -34,6 +35,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     .buffered(IN_FLIGHT)
     .try_collect()
     .await?;
+    println!("parts {:.3}", started.elapsed().as_secs_f64());
     store
         .complete_multipart(key, &upload, parts, PutCondition::Always)
         .await?;
