@@ -454,6 +454,24 @@ impl Cache {
     }
 }
 
+/// The most bytes `write_fetched` hands the kernel in one write.
+const WRITE_PIECE: usize = 1 << 20;
+
+/// Writes bytes fetched from the store into a cache file at `offset`, at most 1 MiB per write.
+/// The kernel sizes the page-cache folios a write allocates by the write: one 4 MiB write gets
+/// 2 MiB folios, and on a VM whose host takes back free 2 MiB blocks (free page reporting), each
+/// is a block the host must hand back first. Right after a large write and sync, a cold read's
+/// 4 MiB writes ran several times slower than 1 MiB ones (benches/RESULTS.md, run J).
+pub fn write_fetched(file: &File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut at = offset;
+    for piece in bytes.chunks(WRITE_PIECE) {
+        file.write_all_at(piece, at)?;
+        at += piece.len() as u64;
+    }
+    Ok(())
+}
+
 /// Free bytes on the filesystem that holds `dir`.
 fn free_bytes(dir: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
@@ -516,6 +534,30 @@ mod tests {
         set.truncate(25);
         assert_eq!(set.spans().collect::<Vec<_>>(), vec![0..25]);
         assert_eq!(set.len(), 25);
+    }
+
+    #[test]
+    fn fetched_bytes_land_where_they_belong_whatever_their_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("f"))
+            .unwrap();
+        let bytes: Vec<u8> = (0..WRITE_PIECE * 5 / 2 + 7)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        write_fetched(&file, &bytes, 3).unwrap();
+        write_fetched(&file, &[], 1).unwrap();
+        let written = fs::read(dir.path().join("f")).unwrap();
+        assert_eq!(written.len(), bytes.len() + 3);
+        assert_eq!(&written[..3], &[0, 0, 0]);
+        assert!(
+            written[3..] == bytes[..],
+            "the pieces are in order, none lost"
+        );
     }
 
     #[test]

@@ -29,7 +29,7 @@ use futures::{StreamExt, TryStreamExt, stream};
 use tokio::sync::Notify;
 
 use crate::attrs::{Attrs, Defaults, Kind, S_IFDIR, S_IFREG};
-use crate::cache::{Cache, Partial, RangeSet};
+use crate::cache::{self, Cache, Partial, RangeSet};
 use crate::error::{FsError, FsResult};
 use crate::journal::{Change, Journal, StoredAttrs};
 use crate::metrics::Metrics;
@@ -2182,7 +2182,7 @@ impl Filesystem {
                     };
                     let range = got.range.clone();
                     blocking(move || {
-                        file.write_all_at(&got.body, range.start)?;
+                        cache::write_fetched(&file, &got.body, range.start)?;
                         Ok(range)
                     })
                     .await

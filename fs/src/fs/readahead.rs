@@ -10,13 +10,12 @@
 
 use std::fs::File;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
 use super::{Content, FileData, Filesystem, blocking};
-use crate::cache::RangeSet;
+use crate::cache::{self, RangeSet};
 use crate::store::{ETag, GetOptions};
 
 /// A range of a file being fetched in the background.
@@ -168,7 +167,7 @@ impl Filesystem {
             let written = blocking(move || {
                 for gap in writes {
                     let slice = (gap.start - base) as usize..(gap.end - base) as usize;
-                    file.write_all_at(&got.body[slice], gap.start)?;
+                    cache::write_fetched(&file, &got.body[slice], gap.start)?;
                 }
                 Ok(())
             })
