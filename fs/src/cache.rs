@@ -459,9 +459,9 @@ const WRITE_PIECE: usize = 1 << 20;
 
 /// Writes bytes fetched from the store into a cache file at `offset`, at most 1 MiB per write.
 /// The kernel sizes the page-cache folios a write allocates by the write: one 4 MiB write gets
-/// 2 MiB folios, and on a VM whose host takes back free 2 MiB blocks (free page reporting), each
-/// is a block the host must hand back first. Right after a large write and sync, a cold read's
-/// 4 MiB writes ran several times slower than 1 MiB ones (benches/RESULTS.md, run J).
+/// 2 MiB folios. On the VM the benchmarks run on, right after a large write and sync, filling
+/// such folios ran several times slower than 1 MiB writes (our reading: its host takes back free
+/// memory in 2 MiB blocks, and hands each back slowly; benches/RESULTS.md, runs J and K).
 pub fn write_fetched(file: &File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
     let mut at = offset;
