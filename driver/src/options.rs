@@ -26,8 +26,8 @@ pub const VALID_OPTIONS: &[&str] = &[
 /// back can make that knowledge stale (`cairn mount`'s own default, 2 s, is for shared volumes).
 pub const EXCLUSIVE_METADATA_TTL: &str = "60";
 
-/// How hosts share a volume (the cross-host leases enforce `exclusive`; until then it is
-/// recorded and `readonly` mounts read-only).
+/// How hosts share a volume: `exclusive` is enforced by a lease in the store, `readonly` by
+/// mounting read-only, and `shared` trusts what it learned from the store for 2 s only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
     Exclusive,
