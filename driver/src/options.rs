@@ -26,8 +26,9 @@ pub const VALID_OPTIONS: &[&str] = &[
 /// back can make that knowledge stale (`cairn mount`'s own default, 2 s, is for shared volumes).
 pub const EXCLUSIVE_METADATA_TTL: &str = "60";
 
-/// How hosts share a volume: `exclusive` is enforced by a lease in the store, `readonly` by
-/// mounting read-only, and `shared` trusts what it learned from the store for 2 s only.
+/// How hosts share a volume: `exclusive` is enforced by a lease in the store (and its mount, the
+/// only writer, trusts what it learned from the store longer by default), `readonly` by
+/// mounting read-only; `shared` has neither.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
     Exclusive,
