@@ -236,7 +236,8 @@ for target in "${TARGETS[@]}"; do
 done
 say "the store alone (SDK, 8 MiB parts, 8 in flight)"
 raw=$("$RAW" "s3://bench/raw?endpoint=$ENDPOINT&secret_file=$WORK/cairn.secret" "$MIB")
-RAW_PUT=$(awk '/^put/ {print $2}' <<<"$raw"); RAW_GET=$(awk '/^get/ {print $2}' <<<"$raw")
+RAW_PUT=$(awk '/^put / {print $2}' <<<"$raw"); RAW_GET=$(awk '/^get / {print $2}' <<<"$raw")
+RAW_GET_COLD=$(awk '/^get-cold / {print $2}' <<<"$raw")
 
 mkdir -p benches/results
 stamp=$(date -u +%Y-%m-%d)
@@ -271,7 +272,8 @@ EOF
         echo "$row"
     done
     echo
-    echo "The limits: the store alone took $RAW_PUT s to PUT and $RAW_GET s to GET $MIB MiB."
+    echo "The limits: the store alone took $RAW_PUT s to PUT and $RAW_GET s to GET $MIB MiB, and"
+    echo "$RAW_GET_COLD s to GET it with this machine's page cache dropped first, as before a cold read."
     echo "Peak resident memory of the mount processes (MiB, after the write / after the reads):"
     for tool in cairn rclone s3fs; do echo "- $tool: ${PEAK[$tool]:-?}"; done
     echo
