@@ -271,7 +271,7 @@ fn kill_9_at_random_moments_loses_nothing_that_was_closed_or_fsynced() {
 /// left it, nothing else (docs/SEMANTICS.md, the write-back engine); the store then holds what
 /// the mount shows.
 #[test]
-fn files_open_for_writing_at_a_kill_come_back_whole() {
+fn files_open_for_writing_at_a_kill_come_back_as_closed_or_as_written() {
     let mut volume = Volume::new(&["--writeback-delay", "0.3"]);
     const CLOSED: &[u8] = b"closed version";
     for name in ["rewritten", "patched"] {
