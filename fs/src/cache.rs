@@ -455,7 +455,7 @@ impl Cache {
 }
 
 /// The most bytes `write_fetched` hands the kernel in one write.
-const WRITE_PIECE: usize = 1 << 20;
+pub const WRITE_PIECE: usize = 1 << 20;
 
 /// Writes bytes fetched from the store into a cache file at `offset`, at most 1 MiB per write.
 /// The kernel sizes the page-cache folios a write allocates by the write: one 4 MiB write gets

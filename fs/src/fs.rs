@@ -90,7 +90,7 @@ impl Default for FsConfig {
             metadata_ttl: Duration::from_secs(2),
             read_only: false,
             block_size: 1 << 20,
-            max_readahead: 32 << 20,
+            max_readahead: 128 << 20,
             single_put_limit: 16 << 20,
             part_size: 8 << 20,
             concurrency: 8,

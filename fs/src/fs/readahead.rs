@@ -12,11 +12,14 @@ use std::fs::File;
 use std::ops::Range;
 use std::sync::Arc;
 
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
 use tokio::sync::watch;
 
 use super::{Content, FileData, Filesystem, blocking};
 use crate::cache::{self, RangeSet};
-use crate::store::{ETag, GetOptions};
+use crate::error::FsResult;
+use crate::store::{ETag, GetOptions, GetStream};
 
 /// A range of a file being fetched in the background.
 #[derive(Debug)]
@@ -130,9 +133,11 @@ impl Filesystem {
             .collect()
     }
 
-    /// Bytes a background fetch asks the store for at most.
+    /// Bytes a background fetch asks the store for at most: twice an upload part. Its bytes
+    /// land in the cache file as they arrive, so the size costs no memory; fewer, larger
+    /// requests cost the store less (benches/RESULTS.md, run M).
     fn read_chunk(&self) -> u64 {
-        self.config.block_size.max(self.config.part_size / 2)
+        self.config.block_size.max(self.config.part_size * 2)
     }
 
     /// Fetches `piece` of the target's version into its cache file, in a task of its own.
@@ -144,40 +149,19 @@ impl Filesystem {
                 range: Some(piece.clone()),
                 if_match: Some(target.etag.clone()),
             };
-            let got = store.get(&target.source, options).await;
+            let landed = match store.get_stream(&target.source, options).await {
+                Ok(got) => land(&target, got).await,
+                Err(err) => Err(err.into()),
+            };
             let mut content = target.data.content.lock().await;
             content.fetching.retain(|f| f.range != piece);
-            let got = match got {
-                Ok(got) => got,
+            match landed {
+                Ok(true) => {}
+                Ok(false) => return, // The file moved on to another version meanwhile.
                 Err(err) => {
-                    tracing::debug!("read-ahead of {} failed: {err}", target.key);
+                    tracing::debug!("read-ahead of {} stopped: {err}", target.key);
                     return;
                 }
-            };
-            if content.etag.as_ref() != Some(&target.etag)
-                || !Arc::ptr_eq(&content.file, &target.file)
-            {
-                return; // The file moved on to another version meanwhile.
-            }
-            let base = got.range.start;
-            let gaps = content
-                .present
-                .missing(base..got.range.end.min(content.remote_limit));
-            let (file, writes) = (Arc::clone(&target.file), gaps.clone());
-            let written = blocking(move || {
-                for gap in writes {
-                    let slice = (gap.start - base) as usize..(gap.end - base) as usize;
-                    cache::write_fetched(&file, &got.body[slice], gap.start)?;
-                }
-                Ok(())
-            })
-            .await;
-            if let Err(err) = written {
-                tracing::debug!("read-ahead of {} not kept: {err}", target.key);
-                return;
-            }
-            for gap in gaps {
-                content.present.insert(gap);
             }
             if content.fetching.is_empty() && !content.dirty {
                 // The last of a run of fetches tells the index what is cached now.
@@ -195,6 +179,57 @@ impl Filesystem {
         });
         done
     }
+}
+
+/// Writes a GET's bytes into the target's cache file as they arrive, a piece of at most
+/// [`cache::WRITE_PIECE`] at a time (so a large request holds little memory, and readers get
+/// the file's lock between pieces). Returns false, leaving the rest, once the file has moved
+/// on to another version or cache file.
+async fn land(target: &Target, got: GetStream) -> FsResult<bool> {
+    let (mut body, mut at) = (got.body, got.range.start);
+    let mut piece = BytesMut::new();
+    loop {
+        let frame = body.next().await.transpose()?;
+        if let Some(frame) = &frame {
+            piece.extend_from_slice(frame);
+        }
+        if !piece.is_empty() && (frame.is_none() || piece.len() >= cache::WRITE_PIECE) {
+            let bytes = piece.split().freeze();
+            let len = bytes.len() as u64;
+            if !write_missing(target, at, bytes).await? {
+                return Ok(false);
+            }
+            at += len;
+        }
+        if frame.is_none() {
+            return Ok(true);
+        }
+    }
+}
+
+/// Writes `bytes`, the object's from `at`, where the target's cache file still lacks them
+/// below `remote_limit`, under the file's lock: bytes the application wrote meanwhile, a
+/// truncation or a new version win. Returns false if the file has moved on.
+async fn write_missing(target: &Target, at: u64, bytes: Bytes) -> FsResult<bool> {
+    let mut content = target.data.content.lock().await;
+    if content.etag.as_ref() != Some(&target.etag) || !Arc::ptr_eq(&content.file, &target.file) {
+        return Ok(false);
+    }
+    let end = at + bytes.len() as u64;
+    let gaps = content.present.missing(at..end.min(content.remote_limit));
+    let (file, writes) = (Arc::clone(&target.file), gaps.clone());
+    blocking(move || {
+        for gap in writes {
+            let slice = (gap.start - at) as usize..(gap.end - at) as usize;
+            cache::write_fetched(&file, &bytes[slice], gap.start)?;
+        }
+        Ok(())
+    })
+    .await?;
+    for gap in gaps {
+        content.present.insert(gap);
+    }
+    Ok(true)
 }
 
 #[cfg(test)]

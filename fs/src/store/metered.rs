@@ -10,8 +10,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{
-    CompletedPart, ErrorKind, GetOptions, GetResult, ListOptions, ListPage, Metadata, ObjectInfo,
-    Op, PartSource, PutCondition, PutOptions, PutResult, Result, SharedStore, Store, UploadId,
+    CompletedPart, ErrorKind, GetOptions, GetResult, GetStream, ListOptions, ListPage, Metadata,
+    ObjectInfo, Op, PartSource, PutCondition, PutOptions, PutResult, Result, SharedStore, Store,
+    UploadId,
 };
 use crate::metrics::Metrics;
 
@@ -67,6 +68,16 @@ impl Store for MeteredStore {
     async fn get(&self, key: &str, options: GetOptions) -> Result<GetResult> {
         let request = self.inner.get(key, options);
         self.count(Op::Get, 0, request, |got| got.body.len()).await
+    }
+
+    /// Counted as a GET of the whole range once the answer's headers are in (a body cut short
+    /// later shows as the reader's error, not here).
+    async fn get_stream(&self, key: &str, options: GetOptions) -> Result<GetStream> {
+        let request = self.inner.get_stream(key, options);
+        self.count(Op::Get, 0, request, |got| {
+            (got.range.end - got.range.start) as usize
+        })
+        .await
     }
 
     async fn put(&self, key: &str, body: Bytes, options: PutOptions) -> Result<PutResult> {

@@ -15,6 +15,7 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::StreamExt;
 
 pub mod conformance;
 pub mod dir;
@@ -142,6 +143,16 @@ pub struct GetResult {
     pub body: Bytes,
 }
 
+/// A read whose bytes arrive as a stream of pieces, in order (see [`Store::get_stream`]).
+pub struct GetStream {
+    /// The whole object's description (`size` is the object's size, not the range's).
+    pub info: ObjectInfo,
+    /// The bytes the stream brings, as a range of the object.
+    pub range: Range<u64>,
+    /// The bytes, in order; an error ends it early.
+    pub body: futures::stream::BoxStream<'static, Result<Bytes>>,
+}
+
 /// The store's name for a multipart upload in progress.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct UploadId(pub String);
@@ -211,6 +222,19 @@ pub trait Store: fmt::Debug + Send + Sync + 'static {
 
     /// Reads an object, or a byte range of it.
     async fn get(&self, key: &str, options: GetOptions) -> Result<GetResult>;
+
+    /// [`Self::get`] with the bytes handed over as they arrive, so that a large range need not
+    /// be held in memory whole. A body cut short ends the stream with an error (no retry).
+    /// By default, one piece: the whole answer of `get`.
+    async fn get_stream(&self, key: &str, options: GetOptions) -> Result<GetStream> {
+        let got = self.get(key, options).await?;
+        let body = futures::stream::once(async move { Ok(got.body) }).boxed();
+        Ok(GetStream {
+            info: got.info,
+            range: got.range,
+            body,
+        })
+    }
 
     /// Writes a whole object with its metadata, if the condition holds.
     async fn put(&self, key: &str, body: Bytes, options: PutOptions) -> Result<PutResult>;

@@ -4,6 +4,7 @@
 //! variables and profiles; credentials from the standard AWS chain, a named profile, or a secret
 //! file. The SDK retries throttling, 5xx answers and timeouts with backoff.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -25,11 +26,12 @@ use aws_sdk_s3::types::{
     ObjectIdentifier,
 };
 use bytes::Bytes;
+use futures::stream::{self, BoxStream, StreamExt};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
 use super::{
-    CompletedPart, ETag, ErrorKind, GetOptions, GetResult, ListEntry, ListOptions, ListPage,
-    Metadata, ObjectInfo, PartSource, PutCondition, PutOptions, PutResult, Result, Store,
+    CompletedPart, ETag, ErrorKind, GetOptions, GetResult, GetStream, ListEntry, ListOptions,
+    ListPage, Metadata, ObjectInfo, PartSource, PutCondition, PutOptions, PutResult, Result, Store,
     StoreError, UploadId, check_key, check_metadata, clamp_range,
 };
 
@@ -134,36 +136,32 @@ impl S3Store {
         })
     }
 
-    /// One GET: the answer (an object or an error), or `Err` when the answer's body was cut
-    /// short, which is worth asking again.
-    async fn get_once(
+    /// Sends one GET and reads the answer's headers: the object's description, the range the
+    /// body brings, and the body still to read; `None` for a range that starts at or past the
+    /// object's end.
+    async fn send_get(
         &self,
         key: &str,
         options: &GetOptions,
-    ) -> std::result::Result<Result<GetResult>, StoreError> {
+    ) -> Result<Option<(ObjectInfo, Range<u64>, ByteStream)>> {
         let full = self.full_key(key)?;
-        let empty_range = options.range.as_ref().is_some_and(|r| r.start >= r.end);
+        if options.range.as_ref().is_some_and(|r| r.start >= r.end) {
+            return Ok(None);
+        }
         let mut request = self.client.get_object().bucket(&self.bucket).key(&full);
-        if let Some(range) = options.range.as_ref().filter(|_| !empty_range) {
+        if let Some(range) = &options.range {
             request = request.range(format!("bytes={}-{}", range.start, range.end - 1));
         }
         if let Some(want) = &options.if_match {
             request = request.if_match(&want.0);
         }
-        let out = if empty_range {
-            None
-        } else {
-            match request.send().await {
-                Ok(out) => Some(out),
-                // The range starts at or past the end: zero bytes, as the trait promises.
-                Err(SdkError::ServiceError(context)) if context.raw().status().as_u16() == 416 => {
-                    None
-                }
-                Err(err) => return Ok(Err(classify(err, &format!("GET {key}")))),
+        let out = match request.send().await {
+            Ok(out) => out,
+            // The range starts at or past the end: zero bytes, as the trait promises.
+            Err(SdkError::ServiceError(context)) if context.raw().status().as_u16() == 416 => {
+                return Ok(None);
             }
-        };
-        let Some(out) = out else {
-            return Ok(self.empty_range(key, options).await);
+            Err(err) => return Err(classify(err, &format!("GET {key}"))),
         };
         let length = out.content_length().unwrap_or(0).max(0) as u64;
         let size = total_from_content_range(out.content_range()).unwrap_or(length);
@@ -175,29 +173,33 @@ impl S3Store {
             last_modified: system_time(out.last_modified()),
             metadata: metadata(out.metadata()),
         };
+        Ok(Some((info, start..start + length, out.body)))
+    }
+
+    /// One GET: the answer (an object or an error), or `Err` when the answer's body was cut
+    /// short, which is worth asking again.
+    async fn get_once(
+        &self,
+        key: &str,
+        options: &GetOptions,
+    ) -> std::result::Result<Result<GetResult>, StoreError> {
+        let (info, range, body) = match self.send_get(key, options).await {
+            Ok(Some(answer)) => answer,
+            Ok(None) => return Ok(self.empty_range(key, options).await),
+            Err(err) => return Ok(Err(err)),
+        };
         // Into one buffer as the frames arrive, rather than collecting them and then copying
-        // them into one: a chunk of read-ahead is held once in memory, not twice.
-        let mut stream = out.body;
-        let mut body = bytes::BytesMut::with_capacity(length.min(64 << 20) as usize);
-        while let Some(frame) = stream.try_next().await.map_err(|e| {
-            StoreError::new(
-                ErrorKind::Unavailable,
-                format!("GET {key}: reading the body: {e}"),
-            )
-        })? {
-            body.extend_from_slice(&frame);
-        }
-        let body = body.freeze();
-        if body.len() as u64 != length {
-            return Err(StoreError::new(
-                ErrorKind::Unavailable,
-                format!("GET {key}: got {} of {length} bytes", body.len()),
-            ));
+        // them into one: a chunk is held once in memory, not twice.
+        let length = range.end - range.start;
+        let mut collected = bytes::BytesMut::with_capacity(length.min(64 << 20) as usize);
+        let mut frames = body_frames(key, length, body);
+        while let Some(frame) = frames.next().await {
+            collected.extend_from_slice(&frame?);
         }
         Ok(Ok(GetResult {
             info,
-            range: start..start + length,
-            body,
+            range,
+            body: collected.freeze(),
         }))
     }
 
@@ -422,6 +424,34 @@ fn metadata(raw: Option<&std::collections::HashMap<String, String>>) -> Metadata
     .unwrap_or_default()
 }
 
+/// The frames of a GET's body as they arrive, ending with an error if the body is cut short
+/// of `length` bytes or fails.
+fn body_frames(key: &str, length: u64, body: ByteStream) -> BoxStream<'static, Result<Bytes>> {
+    let key = key.to_string();
+    stream::unfold(Some((body, 0u64)), move |state| {
+        let key = key.clone();
+        async move {
+            let (mut body, got) = state?;
+            match body.try_next().await {
+                Ok(Some(frame)) => {
+                    let got = got + frame.len() as u64;
+                    Some((Ok(frame), Some((body, got))))
+                }
+                Ok(None) if got == length => None,
+                Ok(None) => {
+                    let message = format!("GET {key}: got {got} of {length} bytes");
+                    Some((Err(StoreError::new(ErrorKind::Unavailable, message)), None))
+                }
+                Err(err) => {
+                    let message = format!("GET {key}: reading the body: {err}");
+                    Some((Err(StoreError::new(ErrorKind::Unavailable, message)), None))
+                }
+            }
+        }
+    })
+    .boxed()
+}
+
 /// The total size in a `Content-Range: bytes a-b/total` header.
 fn total_from_content_range(content_range: Option<&str>) -> Option<u64> {
     content_range?.rsplit_once('/')?.1.parse().ok()
@@ -461,6 +491,19 @@ impl Store for S3Store {
                 }
             }
         }
+    }
+
+    async fn get_stream(&self, key: &str, options: GetOptions) -> Result<GetStream> {
+        let Some((info, range, body)) = self.send_get(key, &options).await? else {
+            let empty = self.empty_range(key, &options).await?;
+            return Ok(GetStream {
+                info: empty.info,
+                range: empty.range,
+                body: stream::empty().boxed(),
+            });
+        };
+        let body = body_frames(key, range.end - range.start, body);
+        Ok(GetStream { info, range, body })
     }
 
     async fn put(&self, key: &str, body: Bytes, options: PutOptions) -> Result<PutResult> {
