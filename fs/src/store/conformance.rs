@@ -48,6 +48,7 @@ macro_rules! store_conformance_tests {
             concurrent_create_if_absent_has_one_winner,
             replace_if_match_loses_a_race,
             read_if_match,
+            streamed_reads_bring_what_reads_do,
             multipart_with_a_copied_part,
             copy_keeps_or_replaces_metadata,
             delete_one_and_many,
@@ -418,6 +419,56 @@ pub async fn read_if_match(store: &dyn Store) {
         .await
         .expect_err("a read with a stale ETag fails");
     assert_eq!(stale.kind(), ErrorKind::PreconditionFailed, "{stale}");
+}
+
+/// `get_stream` brings, piece by piece, the same bytes and range as `get`, at the edges too,
+/// and refuses a stale ETag before any byte.
+pub async fn streamed_reads_bring_what_reads_do(store: &dyn Store) {
+    use futures::TryStreamExt;
+    let body = pattern(3 * 1024 * 1024 + 7, 11);
+    let etag = put(store, "s", body.clone()).await;
+    let len = body.len() as u64;
+    for range in [
+        None,
+        Some(0..1),
+        Some(1000..len - 5),
+        Some(len - 3..len + 10),
+        Some(len..len + 1),
+    ] {
+        let options = GetOptions {
+            range: range.clone(),
+            if_match: Some(etag.clone()),
+        };
+        let whole = store.get("s", options.clone()).await.unwrap();
+        let streamed = store
+            .get_stream("s", options)
+            .await
+            .unwrap_or_else(|e| panic!("stream {range:?}: {e}"));
+        assert_eq!(streamed.range, whole.range, "range {range:?}");
+        assert_eq!(
+            streamed.info.size, len,
+            "range {range:?} reports the whole size"
+        );
+        let pieces: Vec<Bytes> = streamed.body.try_collect().await.unwrap();
+        assert!(
+            pieces.concat() == whole.body[..],
+            "range {range:?}: other bytes"
+        );
+    }
+    let stale = put(store, "s", "replaced").await;
+    assert_ne!(stale, etag);
+    let refused = store
+        .get_stream(
+            "s",
+            GetOptions {
+                range: None,
+                if_match: Some(etag),
+            },
+        )
+        .await
+        .err()
+        .expect("a streamed read with a stale ETag fails");
+    assert_eq!(refused.kind(), ErrorKind::PreconditionFailed, "{refused}");
 }
 
 pub async fn multipart_with_a_copied_part(store: &dyn Store) {
