@@ -4,9 +4,10 @@
 //! bring the bytes it asks for. A task that fails leaves its bytes missing; the read that needs
 //! them fetches them itself, and so sees the store's error.
 //!
-//! A task writes into the cache file only under the file's lock, and only bytes still missing
-//! below `remote_limit` of the version it fetched: bytes written by the application meanwhile,
-//! a truncation or a new version of the file always win over what arrives late.
+//! A task writes what the store sends into the cache file as it arrives, 1 MiB at a time, each
+//! piece under the file's lock and only where bytes are still missing below `remote_limit` of
+//! the version it fetched: bytes written by the application meanwhile, a truncation or a new
+//! version of the file always win over what arrives late.
 
 use std::fs::File;
 use std::ops::Range;
