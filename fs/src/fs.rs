@@ -2141,6 +2141,8 @@ impl Filesystem {
         let block = self.config.block_size;
         let start = want.start / block * block;
         let end = want_end.div_ceil(block).saturating_mul(block).min(limit);
+        // Half a part a request: each body is held whole until written (read-ahead streams
+        // its larger requests instead, see readahead.rs).
         let chunk = block.max(self.config.part_size / 2);
         let pieces: Vec<Range<u64>> = content
             .present
