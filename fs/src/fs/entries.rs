@@ -1,0 +1,303 @@
+//! Namespace operations that add or remove a name: create, mkdir, symlink, mknod, unlink, rmdir.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime};
+
+use super::direct::Open;
+use super::names::{check_name, check_new_name};
+use super::reply::{Attr, Opened};
+use super::{Filesystem, blocking};
+use crate::attrs::{Attrs, Kind, S_IFREG};
+use crate::error::{FsError, FsResult};
+use crate::journal::Change;
+
+impl Filesystem {
+    /// Fails with EEXIST if `name` exists in `parent`; returns the new entry's key.
+    pub(super) async fn vacant(&self, parent: u64, name: &str) -> FsResult<String> {
+        if self.resolve(parent, name).await?.is_some() {
+            return Err(FsError::Exists);
+        }
+        Self::child_key(&self.ns(), parent, name)
+    }
+
+    pub(super) fn new_attrs(kind: Kind, mode: u32, umask: u32, uid: u32, gid: u32) -> Attrs {
+        Attrs {
+            mode: kind.type_bits() | (mode & !umask & 0o7777),
+            uid,
+            gid,
+            mtime: SystemTime::now(),
+        }
+    }
+
+    pub async fn mkdir(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Attr> {
+        self.writable()?;
+        let name = check_new_name(name)?;
+        let key = self.vacant(parent, &name).await?;
+        let attrs = Self::new_attrs(Kind::Dir, mode, umask, uid, gid);
+        let change = Change::PutDir {
+            attrs: attrs.into(),
+        };
+        let ino = self
+            .add_entry(parent, &name, &key, attrs, 0, change)
+            .await?;
+        if let Some(inode) = self.ns().get_mut(ino) {
+            // New and empty: its listing is known.
+            inode.listed = true;
+            inode.listed_at = Some(Instant::now());
+            inode.listed_kinds = None;
+        }
+        self.count_lookup(ino);
+        self.attr(ino)
+    }
+
+    /// Adds a new name to the tree, then records its creation: in that order, so that the
+    /// uploader always finds the inode to tell what the store now holds.
+    pub(super) async fn add_entry(
+        &self,
+        parent: u64,
+        name: &str,
+        key: &str,
+        attrs: Attrs,
+        size: u64,
+        change: Change,
+    ) -> FsResult<u64> {
+        let ino = self.ns().upsert(parent, name, attrs, size, None);
+        if let Err(err) = self.record(key, change, false, true).await {
+            self.ns().detach(ino);
+            return Err(err);
+        }
+        Ok(ino)
+    }
+
+    pub async fn symlink(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        target: &OsStr,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Attr> {
+        self.writable()?;
+        let name = check_new_name(name)?;
+        let target = std::str::from_utf8(target.as_bytes())
+            .map_err(|_| FsError::Invalid("link targets must be valid UTF-8".into()))?
+            .to_string();
+        let key = self.vacant(parent, &name).await?;
+        let attrs = Self::new_attrs(Kind::Symlink, 0o777, 0, uid, gid);
+        let change = Change::PutSymlink {
+            target: target.clone(),
+            attrs: attrs.into(),
+        };
+        let ino = self
+            .add_entry(parent, &name, &key, attrs, target.len() as u64, change)
+            .await?;
+        if let Some(inode) = self.ns().get_mut(ino) {
+            inode.target = Some(target);
+        }
+        self.count_lookup(ino);
+        self.attr(ino)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<(Attr, Opened)> {
+        self.writable()?;
+        let name = check_new_name(name)?;
+        if let Some(existing) = self.resolve(parent, &name).await? {
+            if flags & libc::O_EXCL != 0 {
+                return Err(FsError::Exists);
+            }
+            if self.attr(existing)?.kind == Kind::Dir {
+                return Err(FsError::IsDir);
+            }
+            let opened = self.open(existing, flags).await?;
+            self.count_lookup(existing);
+            return Ok((self.attr(existing)?, opened));
+        }
+        let key = Self::child_key(&self.ns(), parent, &name)?;
+        let attrs = Self::new_attrs(Kind::File, mode, umask, uid, gid);
+        let ino = self.ns().upsert(parent, &name, attrs, 0, None);
+        let data = self.new_file_data(ino).await?;
+        data.opens.fetch_add(1, Ordering::AcqRel);
+        let cache_file = data.content.lock().await.cache_name.clone();
+        let change = Change::PutFile {
+            cache_file,
+            attrs: attrs.into(),
+        };
+        if let Err(err) = self.record(&key, change, false, true).await {
+            self.ns().detach(ino);
+            return Err(err);
+        }
+        self.count_lookup(ino);
+        let fh = self.new_handle(ino);
+        let direct = match self.choose_route(fh, &data, Open::WritesAfresh).await {
+            Ok(direct) => direct,
+            Err(err) => {
+                self.release(fh).await.ok();
+                return Err(err);
+            }
+        };
+        Ok((
+            self.attr(ino)?,
+            Opened {
+                fh,
+                keep_cache: false,
+                direct,
+            },
+        ))
+    }
+
+    pub async fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        self.writable()?;
+        let name = check_name(name)?;
+        let ino = self.existing(parent, &name).await?;
+        let (key, data, in_store) = {
+            let ns = self.ns();
+            let inode = ns.get(ino).ok_or(FsError::NotFound)?;
+            if inode.kind() == Kind::Dir {
+                return Err(FsError::IsDir);
+            }
+            (
+                ns.key(ino).ok_or(FsError::NotFound)?,
+                inode.file.clone(),
+                inode.remote.is_some(),
+            )
+        };
+        if let Some(data) = &data
+            && data.opens.load(Ordering::Acquire) > 0
+        {
+            // Still open somewhere: keep every byte locally, if the store can still give them.
+            let mut content = data.content.lock().await;
+            let size = data.size.load(Ordering::Acquire);
+            if content.partial().is_some() {
+                self.make_whole(&key, &mut content, size).await?;
+            } else {
+                let _ = self.materialize(&key, &mut content, size).await;
+            }
+            content.remote_limit = 0;
+        }
+        {
+            let _naming = self.naming.write().await;
+            self.record(&key, Change::Delete, in_store, false).await?;
+            // Gone, as this mount knows: a new file of this name needs no probe within the TTL.
+            let mut ns = self.ns();
+            ns.detach(ino);
+            ns.mark_absent(parent, &name);
+        }
+        let (cache, journal) = (self.cache.clone(), Arc::clone(&self.journal));
+        let keep = data
+            .as_ref()
+            .is_some_and(|d| d.opens.load(Ordering::Acquire) > 0);
+        blocking(move || match cache.lookup(&key)? {
+            Some(cached)
+                if !keep
+                    && !journal
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .uploads_cache_file(&cached.file) =>
+            {
+                cache.remove(&key)
+            }
+            _ => cache.forget(&key),
+        })
+        .await?;
+        if let Some(data) = data
+            && !keep
+        {
+            if let Some(inode) = self.ns().get_mut(ino) {
+                inode.file = None; // Unlinked and closed: its contents go.
+            }
+            self.drop_cache_file_if_unused(&data).await;
+        }
+        Ok(())
+    }
+
+    pub async fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        self.writable()?;
+        let name = check_name(name)?;
+        let ino = self.existing(parent, &name).await?;
+        let (key, in_store) = {
+            let ns = self.ns();
+            let inode = ns.get(ino).ok_or(FsError::NotFound)?;
+            if inode.kind() != Kind::Dir {
+                return Err(FsError::NotDir);
+            }
+            (
+                ns.key(ino).ok_or(FsError::NotFound)?,
+                inode.remote.is_some(),
+            )
+        };
+        // A listing made within the TTL (as `rm -r` makes before it removes the entries) that
+        // every name has since left here: empty, as far as lookups would tell.
+        let empty = match self.listed_lately(ino) {
+            Some(names) if names.is_empty() => self
+                .pending_children(&format!("{key}/"))
+                .iter()
+                .all(|(_, kind)| kind.is_none()),
+            _ => self.entries_of(ino).await?.0.is_empty(),
+        };
+        if !empty {
+            return Err(FsError::NotEmpty);
+        }
+        self.record(&key, Change::DeleteDir, in_store, false)
+            .await?;
+        let mut ns = self.ns();
+        ns.detach(ino);
+        ns.mark_absent(parent, &name);
+        Ok(())
+    }
+
+    /// Hard links cannot be stored as objects.
+    pub fn link(&self) -> FsResult<Attr> {
+        Err(FsError::NotSupported("hard links"))
+    }
+
+    /// Regular files may be made with mknod; device files, FIFOs and sockets cannot be stored.
+    pub async fn mknod(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Attr> {
+        if mode & crate::attrs::S_IFMT != S_IFREG {
+            return Err(FsError::NotSupported(
+                "special files (devices, FIFOs, sockets)",
+            ));
+        }
+        let (attr, opened) = self
+            .create(
+                parent,
+                name,
+                mode,
+                umask,
+                libc::O_EXCL | libc::O_WRONLY,
+                uid,
+                gid,
+            )
+            .await?;
+        self.release(opened.fh).await?;
+        Ok(attr)
+    }
+}

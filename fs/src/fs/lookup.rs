@@ -1,0 +1,374 @@
+//! Lookups: resolving a name to an inode from what the mount knows, the change log, or the store.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime};
+
+use super::health::{METADATA_BUDGET, store_down, timed_out, unreachable};
+use super::reply::Attr;
+use super::{Filesystem, blocking};
+use crate::attrs::{Attrs, Kind};
+use crate::error::{FsError, FsResult};
+use crate::journal::Change;
+use crate::namespace::{Inode, Namespace, ROOT, Remote};
+use crate::store::{ListOptions, ObjectInfo, StoreExt};
+
+/// What a probe of the store found at a name.
+#[derive(Debug)]
+pub(super) enum Found {
+    Object(ObjectInfo),
+    Dir(Option<ObjectInfo>),
+}
+
+/// The most names a directory's last listing may have held for a miss there to list it again.
+pub(super) const RELIST_LIMIT: usize = 10_000;
+
+impl Filesystem {
+    pub(super) fn attr_of(inode: &Inode) -> Attr {
+        let size = match &inode.file {
+            Some(data) => data.size.load(Ordering::Acquire),
+            None => inode.size,
+        };
+        Attr {
+            ino: inode.ino,
+            kind: inode.kind(),
+            size,
+            perm: inode.attrs.perm(),
+            uid: inode.attrs.uid,
+            gid: inode.attrs.gid,
+            mtime: inode.attrs.mtime,
+            ctime: inode.ctime,
+        }
+    }
+
+    /// Whether what the mount knows of an inode may be used without asking the store.
+    pub(super) fn trusted(&self, inode: &Inode) -> bool {
+        inode.ino == ROOT
+            || inode.file.is_some()
+            || inode.checked.elapsed() < self.config.metadata_ttl
+    }
+
+    pub(super) fn attr(&self, ino: u64) -> FsResult<Attr> {
+        self.ns()
+            .get(ino)
+            .map(Self::attr_of)
+            .ok_or(FsError::NotFound)
+    }
+
+    pub(super) fn key_of(&self, ino: u64) -> FsResult<String> {
+        self.ns().key(ino).ok_or(FsError::NotFound)
+    }
+
+    /// Asks the store what is at `key`: an object, a directory (prefix, with or without a
+    /// marker), or nothing.
+    pub(super) async fn probe(
+        &self,
+        key: &str,
+        listed_as: Option<Kind>,
+    ) -> FsResult<Option<Found>> {
+        let marker = format!("{key}/");
+        // A listing just showed what the name is: one request for its attributes will do.
+        match listed_as {
+            Some(Kind::Dir) => return Ok(Some(Found::Dir(self.store.head_opt(&marker).await?))),
+            Some(_) => return Ok(self.store.head_opt(key).await?.map(Found::Object)),
+            None => {}
+        }
+        let one = ListOptions {
+            delimited: false,
+            continuation: None,
+            max_keys: Some(1),
+        };
+        let (object, marker_info, listed) = tokio::join!(
+            self.store.head_opt(key),
+            self.store.head_opt(&marker),
+            self.store.list(&marker, one),
+        );
+        let listed = listed?;
+        let marker_info = marker_info?;
+        if marker_info.is_some() || !listed.objects.is_empty() || !listed.prefixes.is_empty() {
+            return Ok(Some(Found::Dir(marker_info)));
+        }
+        Ok(object?.map(Found::Object))
+    }
+
+    /// Records what a probe found under `parent`/`name` and returns the inode number.
+    pub(super) fn install(&self, ns: &mut Namespace, parent: u64, name: &str, found: Found) -> u64 {
+        if let Some(ino) = ns.child(parent, name) {
+            let inode = ns.get_mut(ino).expect("a child is a live inode");
+            if inode.file.is_some() {
+                // Open or changed here: the local state wins.
+                inode.checked = Instant::now();
+                return ino;
+            }
+        }
+        let defaults = &self.config.defaults;
+        match found {
+            Found::Object(info) => {
+                let attrs = Attrs::decode(&info.metadata, Kind::File, info.last_modified, defaults);
+                let remote = Remote {
+                    etag: info.etag,
+                    size: info.size,
+                };
+                let ino = ns.upsert(parent, name, attrs, info.size, Some(remote.clone()));
+                if let Some(inode) = ns.get_mut(ino)
+                    && inode.remote.as_ref() != Some(&remote)
+                {
+                    inode.target = None;
+                }
+                ino
+            }
+            Found::Dir(marker) => {
+                let (attrs, remote) = match marker {
+                    Some(info) => (
+                        Attrs::decode(&info.metadata, Kind::Dir, info.last_modified, defaults),
+                        Some(Remote {
+                            etag: info.etag,
+                            size: 0,
+                        }),
+                    ),
+                    None => (
+                        Attrs::decode(&Default::default(), Kind::Dir, SystemTime::now(), defaults),
+                        None,
+                    ),
+                };
+                ns.upsert(parent, name, attrs, 0, remote)
+            }
+        }
+    }
+
+    /// The size a pending change gives its key.
+    pub(super) async fn pending_size(&self, change: &Change) -> u64 {
+        match change {
+            Change::PutFile { cache_file, .. } => {
+                let path = self.cache.path_of(cache_file);
+                blocking(move || Ok(std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)))
+                    .await
+                    .unwrap_or(0)
+            }
+            Change::Copy { size, .. } => *size,
+            Change::PutSymlink { target, .. } => target.len() as u64,
+            _ => 0,
+        }
+    }
+
+    /// Finds `name` in `parent`: from what the mount knows while it is fresh, else from the
+    /// change log, else from the store. With the store unreachable, what the mount knows
+    /// (even stale) answers.
+    pub(super) async fn resolve(&self, parent: u64, name: &str) -> FsResult<Option<u64>> {
+        self.resolve_listed(parent, name, None).await
+    }
+
+    /// [`Self::resolve`] of a name a listing just showed as `listed_as` (a file or a directory),
+    /// which spares the store the requests that tell one from the other.
+    pub(super) async fn resolve_listed(
+        &self,
+        parent: u64,
+        name: &str,
+        listed_as: Option<Kind>,
+    ) -> FsResult<Option<u64>> {
+        let mut listed_as = listed_as;
+        let (key, known_object) = {
+            let ns = self.ns();
+            let key = Self::child_key(&ns, parent, name)?;
+            let mut known_object = None;
+            if let Some(ino) = ns.child(parent, name) {
+                let inode = ns.get(ino).expect("live child");
+                if self.trusted(inode) {
+                    tracing::debug!(
+                        "{key}: known (inode {ino}, open or changed here: {}, checked {:?} ago)",
+                        inode.file.is_some(),
+                        inode.checked.elapsed()
+                    );
+                    return Ok(Some(ino));
+                }
+                known_object =
+                    (inode.kind() != Kind::Dir && inode.remote.is_some()).then(|| inode.kind());
+            } else if self.journal().latest(&key).is_none() {
+                // A directory listed within the TTL: a name it did not hold is absent, one it
+                // held needs no listing again to tell a file from a directory.
+                let listing = ns
+                    .get(parent)
+                    .filter(|p| self.listed_within_ttl(p))
+                    .map(|p| p.listed_kinds.as_ref().and_then(|k| k.get(name).copied()));
+                if ns.known_absent(parent, name, self.config.metadata_ttl) || listing == Some(None)
+                {
+                    return Ok(None);
+                }
+                listed_as = listed_as.or(listing.flatten());
+            }
+            (key, known_object)
+        };
+        loop {
+            let latest = self
+                .journal()
+                .latest(&key)
+                .map(|e| (e.seq, e.change.clone()));
+            let (seq, pending) = latest.map_or((None, None), |(s, c)| (Some(s), Some(c)));
+            // Whether the change log moved on while this resolve waited on I/O.
+            let moved_on = || self.journal().latest(&key).map(|e| e.seq) != seq;
+            match &pending {
+                Some(Change::Delete | Change::DeleteDir) => {
+                    let mut ns = self.ns();
+                    if let Some(ino) = ns.child(parent, name) {
+                        ns.detach(ino);
+                    }
+                    ns.mark_absent(parent, name);
+                    return Ok(None);
+                }
+                Some(
+                    change @ (Change::PutFile { .. }
+                    | Change::PutDir { .. }
+                    | Change::PutSymlink { .. }
+                    | Change::Copy { .. }),
+                ) => {
+                    let (_, attrs) = change.outcome().expect("puts have an outcome");
+                    let size = self.pending_size(change).await;
+                    let remote = match change {
+                        Change::Copy { etag, size, .. } => Some(Remote {
+                            etag: crate::store::ETag(etag.clone()),
+                            size: *size,
+                        }),
+                        _ => None,
+                    };
+                    let mut ns = self.ns();
+                    if moved_on() {
+                        continue;
+                    }
+                    let ino = match ns.child(parent, name) {
+                        Some(ino)
+                            if ns
+                                .get(ino)
+                                .is_some_and(|i| i.file.is_some() && i.kind() == attrs.kind()) =>
+                        {
+                            if let Some(inode) = ns.get_mut(ino) {
+                                inode.checked = Instant::now();
+                            }
+                            ino
+                        }
+                        _ => ns.upsert(parent, name, attrs, size, remote),
+                    };
+                    if let (Change::PutSymlink { target, .. }, Some(inode)) =
+                        (change, ns.get_mut(ino))
+                    {
+                        inode.target = Some(target.clone());
+                    }
+                    tracing::debug!("{key}: pending change {:?} (inode {ino})", seq);
+                    return Ok(Some(ino));
+                }
+                _ => {}
+            }
+            let mut hint = listed_as.or(known_object);
+            if listed_as.is_none() && self.relists(parent) {
+                // A name in a directory the mount listed before, not too large: one listing
+                // answers for this name and every other there for the TTL (a new name is absent
+                // if not listed; a known one is confirmed if listed as it was), where asking per
+                // name would take three requests for a new name and one for a known one: an
+                // untar, a batch of new files, a `stat` of each file cost a listing per TTL.
+                if let Ok((names, listed_at)) = self.entries_of(parent).await {
+                    let names = Arc::new(names);
+                    let mut ns = self.ns();
+                    if let Some(dir) = ns.get_mut(parent) {
+                        dir.listed_at = Some(listed_at);
+                        dir.listed_names = names.len();
+                        dir.listed_kinds = Some(Arc::clone(&names));
+                    }
+                    if moved_on() {
+                        continue;
+                    }
+                    let child = ns.child(parent, name);
+                    if let Some(ino) = child
+                        && ns.get(ino).is_some_and(|inode| self.trusted(inode))
+                    {
+                        tracing::debug!("{key}: known (inode {ino}), found while relisting");
+                        return Ok(Some(ino));
+                    }
+                    match names.get(name) {
+                        None if child.is_none() => {
+                            ns.mark_absent(parent, name);
+                            return Ok(None);
+                        }
+                        None => {}
+                        Some(kind) => hint = Some(*kind),
+                    }
+                }
+            }
+            let probed = if self.store_seems_down() {
+                Err(FsError::Store(store_down()))
+            } else {
+                let probing = async {
+                    // An object the mount knows is looked at again with one HEAD; only if it
+                    // is gone does the name take the full probe.
+                    match self.probe(&key, hint).await {
+                        Ok(None) if listed_as.is_none() && known_object.is_some() => {
+                            self.probe(&key, None).await
+                        }
+                        other => other,
+                    }
+                };
+                let probed = tokio::time::timeout(METADATA_BUDGET, probing)
+                    .await
+                    .unwrap_or_else(|_| Err(FsError::Store(store_down())));
+                self.note_store_reached(!matches!(&probed, Err(err) if timed_out(err)));
+                probed
+            };
+            let found = match probed {
+                Ok(found) => found,
+                Err(err) if unreachable(&err) => {
+                    let ns = self.ns();
+                    if let Some(ino) = ns.child(parent, name) {
+                        return Ok(Some(ino));
+                    }
+                    if ns.get(parent).is_some_and(|p| p.listed) {
+                        return Ok(None);
+                    }
+                    return Err(err);
+                }
+                Err(err) => return Err(err),
+            };
+            let mut ns = self.ns();
+            if moved_on() {
+                continue;
+            }
+            match found {
+                Some(found) => {
+                    tracing::debug!("{key}: the store has it (hint {hint:?}): {found:?}");
+                    let ino = self.install(&mut ns, parent, name, found);
+                    if let (Some(Change::SetAttrs { attrs, .. }), Some(inode)) =
+                        (&pending, ns.get_mut(ino))
+                    {
+                        inode.attrs = (*attrs).into();
+                    }
+                    return Ok(Some(ino));
+                }
+                None => {
+                    if let Some(ino) = ns.child(parent, name) {
+                        if ns.get(ino).is_some_and(|i| i.file.is_some()) {
+                            return Ok(Some(ino));
+                        }
+                        ns.detach(ino);
+                    }
+                    ns.mark_absent(parent, name);
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    /// Whether a miss in `dir` is answered by listing it again rather than by a probe: it was
+    /// listed in full before (or made here), and its last listing was small.
+    pub(super) fn relists(&self, dir: u64) -> bool {
+        self.ns()
+            .get(dir)
+            .is_some_and(|d| d.listed && d.listed_names <= RELIST_LIMIT)
+    }
+
+    pub(super) async fn existing(&self, parent: u64, name: &str) -> FsResult<u64> {
+        self.resolve(parent, name).await?.ok_or(FsError::NotFound)
+    }
+
+    pub(super) fn count_lookup(&self, ino: u64) {
+        if let Some(inode) = self.ns().get_mut(ino) {
+            inode.lookups += 1;
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! Opening and closing files: open, flush (close), fsync, release.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::direct;
+use super::direct::{Look, Open, Route};
+use super::handles::Handle;
+use super::reply::Opened;
+use super::{Filesystem, blocking};
+use crate::error::{FsError, FsResult};
+
+impl Filesystem {
+    pub(super) fn new_handle(&self, ino: u64) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let handle = Handle::File {
+            ino,
+            next_offset: 0,
+            window: self.config.block_size,
+            route: direct::Route::Opening,
+        };
+        self.handles().insert(fh, handle);
+        fh
+    }
+
+    pub async fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
+        let truncates = flags & libc::O_TRUNC != 0;
+        let writes = flags & libc::O_ACCMODE != libc::O_RDONLY || truncates;
+        if writes {
+            self.writable()?;
+        }
+        self.getattr(ino).await?; // Close-to-open: see the store's latest version.
+        let data = self.file_data(ino).await?;
+        data.opens.fetch_add(1, Ordering::AcqRel);
+        let keep_cache = {
+            let mut content = data.content.lock().await;
+            // A truncating open (the kernel leaves O_TRUNC to the mount) drops the page cache.
+            let keep = !truncates
+                && content.kernel_cached.is_some()
+                && content.kernel_cached == content.etag;
+            content.kernel_cached = content.etag.clone();
+            keep
+        };
+        let fh = self.new_handle(ino);
+        let truncated = if truncates {
+            self.truncate(ino, 0).await
+        } else {
+            Ok(())
+        };
+        let open = match (writes, truncates) {
+            (false, _) => Open::Reads,
+            (true, false) => Open::Writes,
+            (true, true) => Open::WritesAfresh,
+        };
+        let routed = match truncated {
+            Ok(()) => self.choose_route(fh, &data, open).await,
+            Err(err) => Err(err),
+        };
+        match routed {
+            Ok(direct) => Ok(Opened {
+                fh,
+                keep_cache,
+                direct,
+            }),
+            Err(err) => {
+                self.release(fh).await.ok();
+                Err(err)
+            }
+        }
+    }
+
+    pub(super) fn handle_ino(&self, fh: u64) -> FsResult<u64> {
+        match self.handles().get(&fh) {
+            Some(Handle::File { ino, .. }) => Ok(*ino),
+            _ => Err(FsError::BadHandle),
+        }
+    }
+
+    /// Close: the file's upload is scheduled after the write-back delay.
+    pub async fn flush(&self, fh: u64) -> FsResult<()> {
+        let ino = self.handle_ino(fh)?;
+        let Some(data) = self.ns().get(ino).and_then(|i| i.file.clone()) else {
+            return Ok(());
+        };
+        self.note_direct_writes(&data, Look::Compare).await?;
+        self.queue_upload(&data, true).await?;
+        Ok(())
+    }
+
+    /// fsync: returns once the file (and every change before it) is in the store, or with
+    /// `fsync_local`, once it is on local disk.
+    pub async fn fsync(&self, fh: u64) -> FsResult<()> {
+        let ino = self.handle_ino(fh)?;
+        let Some(data) = self.ns().get(ino).and_then(|i| i.file.clone()) else {
+            return Ok(());
+        };
+        self.note_direct_writes(&data, Look::Changed).await?;
+        if self.config.fsync_local {
+            self.queue_upload(&data, true).await?;
+            let file = Arc::clone(&data.content.lock().await.file);
+            blocking(move || Ok(file.sync_all()?)).await?;
+            return self.log(|j| j.sync()).await;
+        }
+        match self.queue_upload(&data, false).await? {
+            Some(seq) => {
+                // Changes made before it wait for the fsync too: none waits out its delay.
+                self.log(move |j| j.hurry_up_to(seq)).await?;
+                self.wait_applied(seq).await
+            }
+            None => Ok(()),
+        }
+    }
+
+    pub async fn release(&self, fh: u64) -> FsResult<()> {
+        let (ino, route) = self.handle_route(fh)?;
+        self.handles().remove(&fh);
+        let data = self.ns().get(ino).and_then(|i| i.file.clone());
+        if let Some(data) = data {
+            let noted = match route {
+                Route::DirectWrites => self.note_direct_writes(&data, Look::Release).await,
+                _ => Ok(()),
+            };
+            let queued = self.queue_upload(&data, true).await;
+            self.count_closed(&data, route).await;
+            let last = data.opens.fetch_sub(1, Ordering::AcqRel) == 1;
+            if last {
+                self.drop_if_clean(&data).await;
+            }
+            noted?;
+            queued?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use crate::fs::{Filesystem, FsConfig, test_mount};
+    use crate::journal::Change;
+    use crate::namespace::ROOT;
+    use crate::store::memory::MemoryStore;
+    use crate::store::{PutOptions, Store};
+
+    /// Creates `name`, writes it and closes it (FLUSH); its RELEASE comes a little later, in a
+    /// task of its own, as the kernel sends it.
+    pub(super) async fn closed_then_released_later(
+        fs: &Arc<Filesystem>,
+        name: &str,
+        round: usize,
+    ) -> tokio::task::JoinHandle<()> {
+        let (_, opened) = fs
+            .create(ROOT, name.as_ref(), 0o644, 0, 0, 0, 0)
+            .await
+            .unwrap();
+        fs.write(opened.fh, 0, b"contents").await.unwrap();
+        fs.flush(opened.fh).await.unwrap();
+        let fs = Arc::clone(fs);
+        tokio::spawn(async move {
+            for _ in 0..round % 40 {
+                tokio::task::yield_now().await;
+            }
+            fs.release(opened.fh).await.unwrap();
+        })
+    }
+
+    /// The kernel sends a file's RELEASE after close() has returned, so it may arrive while the
+    /// next call removes the file: the release must not put the file's contents back in the
+    /// change log under the name just removed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    pub(super) async fn a_release_racing_an_unlink_does_not_bring_the_file_back() {
+        let (fs, _cache) = test_mount(Arc::new(MemoryStore::new()), FsConfig::default());
+        for round in 0..400 {
+            let name = format!("f{round}");
+            let releasing = closed_then_released_later(&fs, &name, round).await;
+            fs.unlink(ROOT, name.as_ref()).await.unwrap();
+            releasing.await.unwrap();
+            let pending = fs.journal().latest(&name).map(|e| e.change.clone());
+            assert!(
+                pending.is_none(),
+                "round {round}: {name} was removed, yet the change log holds {pending:?}"
+            );
+        }
+    }
+
+    /// The same race with a rename onto a name the store holds: the release must not record the
+    /// contents under the new name as if the store had nothing there, or deleting that name
+    /// later would leave the store's old object in place.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    pub(super) async fn a_release_racing_a_rename_keeps_the_replaced_object_known() {
+        let store = Arc::new(MemoryStore::new());
+        let (fs, _cache) = test_mount(store.clone(), FsConfig::default());
+        for round in 0..400 {
+            let (source, target) = (format!("s{round}"), format!("t{round}"));
+            store
+                .put(&target, Bytes::from_static(b"old"), PutOptions::default())
+                .await
+                .unwrap();
+            let releasing = closed_then_released_later(&fs, &source, round).await;
+            fs.rename(ROOT, source.as_ref(), ROOT, target.as_ref(), false)
+                .await
+                .unwrap();
+            releasing.await.unwrap();
+            fs.unlink(ROOT, target.as_ref()).await.unwrap();
+            let pending = fs.journal().latest(&target).map(|e| e.change.clone());
+            assert_eq!(
+                pending,
+                Some(Change::Delete),
+                "round {round}: the store's {target} would stay"
+            );
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! The open files: loading a file's contents state on first use, and letting it go.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use super::contents::{Content, FileData};
+use super::direct;
+use super::{Filesystem, blocking};
+use crate::attrs::Kind;
+use crate::cache::RangeSet;
+use crate::error::{FsError, FsResult};
+use crate::journal::Change;
+
+impl Filesystem {
+    /// The open state of a file's contents: from a pending change's cache file, or from the
+    /// cache index, on first use.
+    pub(super) async fn file_data(&self, ino: u64) -> FsResult<Arc<FileData>> {
+        // The common case, on every read and write: the file is already open here.
+        if let Some(data) = self.ns().get(ino).and_then(|i| i.file.clone()) {
+            return Ok(data);
+        }
+        let mut registry = self.files.lock().await;
+        // Read the inode and the change log together: the uploader records the store's new
+        // version in the inode before it drops the change, so one of the two always tells.
+        let (key, remote, size, pending_file) = {
+            let ns = self.ns();
+            let inode = ns.get(ino).ok_or(FsError::NotFound)?;
+            match inode.kind() {
+                Kind::Dir => return Err(FsError::IsDir),
+                Kind::Symlink => {
+                    return Err(FsError::Invalid("a symbolic link has no contents".into()));
+                }
+                Kind::File => {}
+            }
+            if let Some(data) = &inode.file {
+                return Ok(Arc::clone(data));
+            }
+            let key = ns.key(ino).unwrap_or_default();
+            let pending_file = match self.journal().latest(&key).map(|e| &e.change) {
+                Some(Change::PutFile { cache_file, .. }) => Some(cache_file.clone()),
+                _ => None,
+            };
+            (key, inode.remote.clone(), inode.size, pending_file)
+        };
+        let (content, size) = match (pending_file, remote) {
+            (Some(cache_name), _) => {
+                let cache = self.cache.clone();
+                let name = cache_name.clone();
+                let (file, length, partial) = blocking(move || {
+                    let file = cache.open_file(&name)?;
+                    let length = file.metadata()?.len();
+                    Ok((file, length, cache.partial(&name)?))
+                })
+                .await?;
+                let (present, changed, etag, remote_limit) = match partial {
+                    Some(partial) => (
+                        partial.changed.clone(),
+                        partial.changed,
+                        Some(partial.etag),
+                        partial.base_end,
+                    ),
+                    None => (RangeSet::full(length), RangeSet::default(), None, 0),
+                };
+                let content = Content {
+                    cache_name,
+                    file: Arc::new(file),
+                    present,
+                    etag,
+                    remote_limit,
+                    dirty: true,
+                    generation: 0,
+                    queued_generation: 0,
+                    dirty_since: None,
+                    kernel_cached: None,
+                    changed,
+                    fetching: Vec::new(),
+                    upload_readers: Arc::default(),
+                    routes: direct::Routes::default(),
+                };
+                (content, length)
+            }
+            (None, Some(remote)) => {
+                let journal = Arc::clone(&self.journal);
+                let cache = self.cache.clone();
+                let etag = remote.etag.clone();
+                let (cache_name, file, present) = blocking(move || match cache.lookup(&key)? {
+                    Some(cached) if cached.etag == etag && cache.has_file(&cached.file) => {
+                        let file = cache.open_file(&cached.file)?;
+                        let mut present = cached.present;
+                        present.truncate(size);
+                        cache.touch(&cached.file);
+                        Ok((cached.file, file, present))
+                    }
+                    stale => {
+                        if let Some(stale) = stale {
+                            // Best effort on a full disk: a row whose file is gone is stale too.
+                            let _ = cache.forget(&key);
+                            let journal = journal.lock().unwrap_or_else(|p| p.into_inner());
+                            if !journal.uploads_cache_file(&stale.file) {
+                                cache.discard_file(&stale.file);
+                            }
+                        }
+                        let (name, file) = cache.new_file()?;
+                        Ok((name, file, RangeSet::default()))
+                    }
+                })
+                .await?;
+                let content = Content {
+                    cache_name,
+                    file: Arc::new(file),
+                    present,
+                    etag: Some(remote.etag.clone()),
+                    remote_limit: remote.size.min(size),
+                    dirty: false,
+                    generation: 0,
+                    queued_generation: 0,
+                    dirty_since: None,
+                    kernel_cached: None,
+                    changed: RangeSet::default(),
+                    fetching: Vec::new(),
+                    upload_readers: Arc::default(),
+                    routes: direct::Routes::default(),
+                };
+                (content, size)
+            }
+            (None, None) => {
+                return Err(FsError::Io(std::io::Error::other(format!(
+                    "{key} has no contents: none waiting here and none known in the store"
+                ))));
+            }
+        };
+        let name = content.cache_name.clone();
+        let data = Arc::new(FileData {
+            ino,
+            content: tokio::sync::Mutex::new(content),
+            size: AtomicU64::new(size),
+            opens: AtomicUsize::new(0),
+            direct_writers: AtomicUsize::new(0),
+        });
+        registry.insert(name, Arc::downgrade(&data));
+        let mut ns = self.ns();
+        let inode = ns.get_mut(ino).ok_or(FsError::NotFound)?;
+        Ok(Arc::clone(inode.file.get_or_insert(data)))
+    }
+
+    /// A new file's contents: an empty cache file, changed from the start.
+    pub(super) async fn new_file_data(&self, ino: u64) -> FsResult<Arc<FileData>> {
+        let mut registry = self.files.lock().await;
+        let cache = self.cache.clone();
+        let (name, file) = blocking(move || cache.new_file()).await?;
+        let data = Arc::new(FileData {
+            ino,
+            content: tokio::sync::Mutex::new(Content {
+                cache_name: name.clone(),
+                file: Arc::new(file),
+                present: RangeSet::default(),
+                etag: None,
+                remote_limit: 0,
+                dirty: true,
+                generation: 0,
+                queued_generation: 0,
+                dirty_since: None,
+                kernel_cached: None,
+                changed: RangeSet::default(),
+                fetching: Vec::new(),
+                upload_readers: Arc::default(),
+                routes: direct::Routes::default(),
+            }),
+            size: AtomicU64::new(0),
+            opens: AtomicUsize::new(0),
+            direct_writers: AtomicUsize::new(0),
+        });
+        registry.insert(name, Arc::downgrade(&data));
+        if let Some(inode) = self.ns().get_mut(ino) {
+            inode.file = Some(Arc::clone(&data));
+        }
+        Ok(data)
+    }
+
+    /// Frees a file's in-memory state once no one has it open and it is in the store.
+    pub(super) async fn drop_if_clean(&self, data: &Arc<FileData>) {
+        let clean = !data.content.lock().await.dirty;
+        if !clean || data.opens.load(Ordering::Acquire) > 0 {
+            return;
+        }
+        let mut ns = self.ns();
+        if let Some(inode) = ns.get_mut(data.ino)
+            && inode.file.as_ref().is_some_and(|f| Arc::ptr_eq(f, data))
+        {
+            inode.size = data.size.load(Ordering::Acquire);
+            inode.file = None;
+        }
+    }
+
+    /// Deletes a file's cache file once nothing needs it (unlinked, not open, not pending).
+    pub(super) async fn drop_cache_file_if_unused(&self, data: &Arc<FileData>) {
+        let name = data.content.lock().await.cache_name.clone();
+        if !self.uploads_cache_file(&name) {
+            self.cache.discard_file(&name);
+            self.files.lock().await.remove(&name);
+        }
+    }
+
+    /// Whether a pending change will upload cache file `name`.
+    pub(super) fn uploads_cache_file(&self, name: &str) -> bool {
+        self.journal().uploads_cache_file(name)
+    }
+
+    /// Cache files that pending changes will upload.
+    pub(super) fn referenced_cache_files(&self) -> std::collections::HashSet<String> {
+        self.journal()
+            .entries()
+            .filter_map(|e| match &e.change {
+                Change::PutFile { cache_file, .. } => Some(cache_file.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Removes cache files that neither the index nor a pending change names (left by a crash).
+    pub(super) fn remove_orphaned_cache_files(&self) -> FsResult<()> {
+        let mut known = self.referenced_cache_files();
+        known.extend(self.cache.indexed_files()?);
+        for name in self.cache.all_files()? {
+            if !known.contains(&name) {
+                self.cache.discard_file(&name);
+            }
+        }
+        Ok(())
+    }
+}
