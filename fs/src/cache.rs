@@ -514,6 +514,42 @@ fn now_seconds() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
+/// Copies the `spans` of `source` (below `size`) into a new file `target` of `size` bytes,
+/// leaving the rest as holes; returns `size`.
+fn copy_spans(source: &Path, target: &Path, size: u64, spans: &RangeSet) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: u64 = 1 << 20;
+    let from = std::fs::File::open(source)?;
+    let to = std::fs::File::create(target)?;
+    to.set_len(size)?;
+    let mut buffer = vec![0; CHUNK as usize];
+    for span in spans.spans() {
+        let mut at = span.start;
+        while at < span.end.min(size) {
+            let len = (span.end.min(size) - at).min(CHUNK) as usize;
+            from.read_exact_at(&mut buffer[..len], at)?;
+            to.write_all_at(&buffer[..len], at)?;
+            at += len as u64;
+        }
+    }
+    Ok(size)
+}
+
+/// Copies cache file `from` to `to`: only its `spans` for a partial file (the rest holes),
+/// else all of it. Returns the copy's length; a failed copy leaves nothing behind.
+pub fn copy_cache_file(from: &Path, to: &Path, spans: Option<&RangeSet>) -> std::io::Result<u64> {
+    let copied = match spans {
+        Some(spans) => {
+            std::fs::metadata(from).and_then(|meta| copy_spans(from, to, meta.len(), spans))
+        }
+        None => std::fs::copy(from, to),
+    };
+    if copied.is_err() {
+        let _ = std::fs::remove_file(to);
+    }
+    copied
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,6 +25,7 @@ mod read;
 mod readahead;
 mod rename;
 mod reply;
+mod upkeep;
 mod upload;
 mod write;
 
@@ -48,7 +49,6 @@ pub use contents::FileData;
 use contents::*;
 use handles::*;
 pub use names::NAME_MAX;
-use read::*;
 pub use reply::{Attr, DirEntry, Opened, SetAttrs, Statfs};
 
 pub use upload::{Pending, Status};

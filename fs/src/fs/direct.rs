@@ -31,9 +31,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::upload::copy_cache_file;
 use super::{Content, FileData, Filesystem, Handle, blocking};
 use crate::cache::RangeSet;
+use crate::cache::copy_cache_file;
 use crate::error::{FsError, FsResult};
 
 /// How the kernel reaches a file's bytes through one handle.

@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::contents::{Content, FileData};
-use super::upload;
 use super::{Filesystem, blocking};
 use crate::cache::RangeSet;
 use crate::error::{FsError, FsResult};
@@ -88,7 +87,7 @@ impl Filesystem {
         let file = blocking(move || {
             // The directory is synced too: an fsync of the file (fsync=local) must find the
             // copy under the cache file's name after a power loss.
-            let replaced = upload::copy_cache_file(&path, &copy, spans.as_ref())
+            let replaced = crate::cache::copy_cache_file(&path, &copy, spans.as_ref())
                 .and_then(|_| std::fs::rename(&copy, &path))
                 .and_then(|()| File::open(path.parent().unwrap_or(&path))?.sync_all());
             if let Err(err) = replaced {
