@@ -30,9 +30,9 @@ mod upload;
 mod write;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use tokio::sync::Notify;
 
@@ -41,17 +41,24 @@ use crate::cache::Cache;
 use crate::error::{FsError, FsResult};
 use crate::journal::{Change, Journal};
 use crate::metrics::Metrics;
-use crate::namespace::Namespace;
 use crate::store::SharedStore;
 use crate::store::metered::MeteredStore;
 pub use config::FsConfig;
 pub use contents::FileData;
 use contents::*;
 use handles::*;
+use health::StoreHealth;
 pub use names::NAME_MAX;
 pub use reply::{Attr, DirEntry, Opened, SetAttrs, Statfs};
 
 pub use upload::{Pending, Status};
+
+/// The inode table, holding the open state of files.
+pub(crate) type Namespace = crate::namespace::Namespace<FileData>;
+/// An inode of the table.
+pub(crate) type Inode = crate::namespace::Inode<FileData>;
+use upkeep::CacheUpkeep;
+use upload::UploadState;
 
 /// The filesystem over one store prefix.
 #[derive(Debug)]
@@ -62,8 +69,7 @@ pub struct Filesystem {
     cache: Cache,
     config: FsConfig,
     ns: Mutex<Namespace>,
-    handles: Mutex<HashMap<u64, Handle>>,
-    next_fh: AtomicU64,
+    handles: Handles,
     journal: Arc<Mutex<Journal>>,
     /// Orders recording a change under a name read from the tree (shared: a close, a chmod)
     /// against removing or moving that name (exclusive: unlink, rename). A file's RELEASE
@@ -73,27 +79,18 @@ pub struct Filesystem {
     naming: tokio::sync::RwLock<()>,
     /// Open or changed files by cache file name; the uploader snapshots through these.
     files: tokio::sync::Mutex<HashMap<String, Weak<FileData>>>,
+    /// The uploader's state (see `upload`).
+    uploads: UploadState,
     /// A change was applied (or failed): waiters look again.
     progress: Notify,
     /// New work for the uploader.
     wake: Notify,
-    status: Mutex<Status>,
-    /// Failed attempts per pending change, for backoff.
-    attempts: Mutex<HashMap<u64, u32>>,
-    /// Bytes of changed data not yet in the store (refreshed by the uploader).
-    dirty_bytes: AtomicU64,
-    /// The cache disk's free bytes at the uploader's last count of the cache, and when: while
-    /// they stay the same, nothing was written to or removed from the cache, so it is not
-    /// counted again (one `stat` per cache file, every second, on an idle mount).
-    last_cache_count: Mutex<Option<(u64, Instant)>>,
-    /// Set when this mount may no longer write to the store (its lease was taken over): why.
-    fenced: Mutex<Option<String>>,
-    /// With a lease: until when the last renewal lets this mount write to the store.
-    uploads_until: Mutex<Option<Instant>>,
+    /// Changed bytes and the last count of the cache (see `upkeep`).
+    upkeep: CacheUpkeep,
     /// Set when the store did not answer in time: until then, lookups and listings answer from what
     /// the mount knows without asking it again (so a store that stops answering does not make
     /// every new name wait out its timeouts).
-    store_down_until: Arc<Mutex<Option<Instant>>>,
+    health: StoreHealth,
     /// Pages of directories listed along with a directory above them (see `listings`).
     listings: Mutex<listings::Listings>,
     /// The kernel agreed to read and write cache files itself (see `direct`).
@@ -128,21 +125,16 @@ impl Filesystem {
             cache,
             config,
             ns: Mutex::new(Namespace::new(root_attrs)),
-            handles: Mutex::new(HashMap::new()),
-            next_fh: AtomicU64::new(1),
+            handles: Handles::default(),
             journal: Arc::new(Mutex::new(journal)),
             naming: tokio::sync::RwLock::new(()),
             listings: Mutex::default(),
             files: tokio::sync::Mutex::new(HashMap::new()),
+            uploads: UploadState::default(),
             progress: Notify::new(),
             wake: Notify::new(),
-            status: Mutex::new(Status::default()),
-            attempts: Mutex::new(HashMap::new()),
-            dirty_bytes: AtomicU64::new(0),
-            last_cache_count: Mutex::new(None),
-            fenced: Mutex::new(None),
-            uploads_until: Mutex::new(None),
-            store_down_until: Arc::default(),
+            upkeep: CacheUpkeep::default(),
+            health: StoreHealth::default(),
             passthrough: AtomicBool::new(false),
         };
         fs.remove_orphaned_cache_files()?;
@@ -160,10 +152,6 @@ impl Filesystem {
 
     fn ns(&self) -> MutexGuard<'_, Namespace> {
         self.ns.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn handles(&self) -> MutexGuard<'_, HashMap<u64, Handle>> {
-        self.handles.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The change log's in-memory side (no disk I/O while held).

@@ -2,7 +2,8 @@
 //! known of each (attributes, the store's version, when it was last checked).
 //!
 //! A plain data structure under one lock, with no I/O: the filesystem logic fills it from the
-//! store and consults it. An inode's key in the store is derived from its parent chain, so a
+//! store and consults it. It is generic over the open state `F` of a file's contents, which it
+//! only holds: it depends on nothing above it. An inode's key in the store is derived from its parent chain, so a
 //! directory rename moves a whole subtree by changing one entry.
 
 use std::collections::{BTreeMap, HashMap};
@@ -22,7 +23,7 @@ pub struct Remote {
 }
 
 #[derive(Debug)]
-pub struct Inode {
+pub struct Inode<F> {
     pub ino: u64,
     pub parent: u64,
     pub name: String,
@@ -39,7 +40,7 @@ pub struct Inode {
     /// A symlink's target, once read.
     pub target: Option<String>,
     /// The open state of a file's contents, while it is open or changed.
-    pub file: Option<Arc<crate::fs::FileData>>,
+    pub file: Option<Arc<F>>,
     /// A directory whose children this mount has listed in full (at least once).
     pub listed: bool,
     /// When it last did (or made the directory itself).
@@ -51,22 +52,22 @@ pub struct Inode {
     pub listed_kinds: Option<Arc<HashMap<String, Kind>>>,
 }
 
-impl Inode {
+impl<F> Inode<F> {
     pub fn kind(&self) -> Kind {
         self.attrs.kind()
     }
 }
 
 #[derive(Debug)]
-pub struct Namespace {
-    inodes: HashMap<u64, Inode>,
+pub struct Namespace<F> {
+    inodes: HashMap<u64, Inode<F>>,
     children: HashMap<u64, BTreeMap<String, u64>>,
     /// Names known to be absent, and since when.
     absent: HashMap<(u64, String), Instant>,
     next_ino: u64,
 }
 
-impl Namespace {
+impl<F> Namespace<F> {
     pub fn new(root_attrs: Attrs) -> Self {
         let root = Inode {
             ino: ROOT,
@@ -96,11 +97,11 @@ impl Namespace {
         }
     }
 
-    pub fn get(&self, ino: u64) -> Option<&Inode> {
+    pub fn get(&self, ino: u64) -> Option<&Inode<F>> {
         self.inodes.get(&ino)
     }
 
-    pub fn get_mut(&mut self, ino: u64) -> Option<&mut Inode> {
+    pub fn get_mut(&mut self, ino: u64) -> Option<&mut Inode<F>> {
         self.inodes.get_mut(&ino)
     }
 
@@ -310,7 +311,7 @@ mod tests {
 
     #[test]
     fn keys_follow_the_tree_through_moves() {
-        let mut ns = Namespace::new(attrs(S_IFDIR | 0o755));
+        let mut ns = Namespace::<()>::new(attrs(S_IFDIR | 0o755));
         let a = ns.upsert(ROOT, "a", attrs(S_IFDIR | 0o755), 0, None);
         let f = ns.upsert(a, "f.txt", attrs(S_IFREG | 0o644), 3, None);
         assert_eq!(ns.key(f).unwrap(), "a/f.txt");
@@ -326,7 +327,7 @@ mod tests {
 
     #[test]
     fn a_new_kind_under_a_name_gets_a_new_inode() {
-        let mut ns = Namespace::new(attrs(S_IFDIR | 0o755));
+        let mut ns = Namespace::<()>::new(attrs(S_IFDIR | 0o755));
         let f = ns.upsert(ROOT, "x", attrs(S_IFREG | 0o644), 0, None);
         assert_eq!(ns.upsert(ROOT, "x", attrs(S_IFREG | 0o600), 5, None), f);
         let d = ns.upsert(ROOT, "x", attrs(S_IFDIR | 0o755), 0, None);

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{Content, FileData, Filesystem, Handle, blocking};
+use super::{Content, FileData, Filesystem, blocking};
 use crate::cache::RangeSet;
 use crate::cache::copy_cache_file;
 use crate::error::{FsError, FsResult};
@@ -137,9 +137,7 @@ impl Filesystem {
                 Route::DirectWrites
             }
         };
-        if let Some(Handle::File { route: r, .. }) = self.handles().get_mut(&fh) {
-            *r = route;
-        }
+        self.handles.set_route(fh, route);
         tracing::debug!(
             ino = data.ino,
             fh,
@@ -171,9 +169,7 @@ impl Filesystem {
         };
         self.count_closed(&data, route).await;
         data.content.lock().await.routes.through_mount += 1;
-        if let Some(Handle::File { route, .. }) = self.handles().get_mut(&fh) {
-            *route = Route::Mount;
-        }
+        self.handles.set_route(fh, Route::Mount);
     }
 
     /// Uncounts a closed handle of `data`.
@@ -313,16 +309,13 @@ impl Filesystem {
     }
 
     fn room_to_write_directly(&self) -> bool {
-        self.dirty_bytes.load(Ordering::Acquire) < self.config.cache_size / 2
+        self.upkeep.dirty_bytes() < self.config.cache_size / 2
             && self.cache.room_for(DIRECT_WRITE_HEADROOM)
     }
 
     /// The file and route of handle `fh`.
     pub(super) fn handle_route(&self, fh: u64) -> FsResult<(u64, Route)> {
-        match self.handles().get(&fh) {
-            Some(Handle::File { ino, route, .. }) => Ok((*ino, *route)),
-            _ => Err(FsError::BadHandle),
-        }
+        self.handles.file(fh)
     }
 }
 

@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use futures::{StreamExt, TryStreamExt, stream};
@@ -16,7 +15,8 @@ use super::names::check_new_name;
 use super::reply::DirEntry;
 use crate::attrs::Kind;
 use crate::error::{FsError, FsResult};
-use crate::namespace::{Inode, ROOT};
+use crate::fs::Inode;
+use crate::namespace::ROOT;
 use crate::store::{ErrorKind, ListOptions, ListPage, StoreExt};
 
 impl Filesystem {
@@ -53,7 +53,7 @@ impl Filesystem {
                     .filter(|e| flat || !e.key[prefix.len()..].contains('/'))
                     .map(|e| (e.key.clone(), e.change.outcome().map(|(kind, _)| kind)))
                     .collect();
-                let listed = if self.store_seems_down() {
+                let listed = if self.health.seems_down(&self.store) {
                     Err(store_down())
                 } else {
                     let at = (started, generation);
@@ -61,7 +61,7 @@ impl Filesystem {
                     let listed = tokio::time::timeout(METADATA_BUDGET, listing)
                         .await
                         .unwrap_or_else(|_| Err(store_down()));
-                    self.note_store_reached(
+                    self.health.note_reached(
                         !matches!(&listed, Err(err) if err.kind() == ErrorKind::Timeout),
                     );
                     listed
@@ -203,10 +203,7 @@ impl Filesystem {
         if self.attr(ino)?.kind != Kind::Dir {
             return Err(FsError::NotDir);
         }
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles()
-            .insert(fh, Handle::Dir { ino, entries: None });
-        Ok(fh)
+        Ok(self.handles.open(Handle::Dir { ino, entries: None }))
     }
 
     /// Whether directory `dir` was listed (or made) within the TTL.
@@ -300,7 +297,7 @@ impl Filesystem {
 
     /// Entries of an open directory from `offset` on (offsets count entries, "." and ".." first).
     pub async fn readdir(&self, fh: u64, offset: u64) -> FsResult<Vec<DirEntry>> {
-        let (ino, listed) = match self.handles().get(&fh) {
+        let (ino, listed) = match self.handles.lock().get(&fh) {
             Some(Handle::Dir { ino, entries }) => (*ino, entries.clone()),
             _ => return Err(FsError::BadHandle),
         };
@@ -308,7 +305,7 @@ impl Filesystem {
             Some(entries) => entries,
             None => {
                 let entries = Arc::new(self.list_dir(ino).await?);
-                if let Some(Handle::Dir { entries: kept, .. }) = self.handles().get_mut(&fh) {
+                if let Some(Handle::Dir { entries: kept, .. }) = self.handles.lock().get_mut(&fh) {
                     *kept = Some(Arc::clone(&entries));
                 }
                 entries
@@ -323,7 +320,7 @@ impl Filesystem {
     }
 
     pub fn releasedir(&self, fh: u64) {
-        self.handles().remove(&fh);
+        self.handles.close(fh);
     }
 }
 

@@ -9,8 +9,9 @@ use super::reply::Attr;
 use super::{Filesystem, blocking};
 use crate::attrs::{Attrs, Kind};
 use crate::error::{FsError, FsResult};
+use crate::fs::{Inode, Namespace};
 use crate::journal::Change;
-use crate::namespace::{Inode, Namespace, ROOT, Remote};
+use crate::namespace::{ROOT, Remote};
 use crate::store::{ListOptions, ObjectInfo, StoreExt};
 
 /// What a probe of the store found at a name.
@@ -292,7 +293,7 @@ impl Filesystem {
                     }
                 }
             }
-            let probed = if self.store_seems_down() {
+            let probed = if self.health.seems_down(&self.store) {
                 Err(FsError::Store(store_down()))
             } else {
                 let probing = async {
@@ -308,7 +309,8 @@ impl Filesystem {
                 let probed = tokio::time::timeout(METADATA_BUDGET, probing)
                     .await
                     .unwrap_or_else(|_| Err(FsError::Store(store_down())));
-                self.note_store_reached(!matches!(&probed, Err(err) if timed_out(err)));
+                self.health
+                    .note_reached(!matches!(&probed, Err(err) if timed_out(err)));
                 probed
             };
             let found = match probed {

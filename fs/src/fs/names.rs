@@ -6,7 +6,7 @@ use std::os::unix::ffi::OsStrExt;
 use super::Filesystem;
 use crate::attrs::Kind;
 use crate::error::{FsError, FsResult};
-use crate::namespace::Namespace;
+use crate::fs::Namespace;
 use crate::store::MAX_KEY_LEN;
 
 /// The longest file name, in bytes.

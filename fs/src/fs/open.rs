@@ -3,24 +3,14 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::direct;
 use super::direct::{Look, Open, Route};
-use super::handles::Handle;
 use super::reply::Opened;
 use super::{Filesystem, blocking};
-use crate::error::{FsError, FsResult};
+use crate::error::FsResult;
 
 impl Filesystem {
     pub(super) fn new_handle(&self, ino: u64) -> u64 {
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let handle = Handle::File {
-            ino,
-            next_offset: 0,
-            window: self.config.block_size,
-            route: direct::Route::Opening,
-        };
-        self.handles().insert(fh, handle);
-        fh
+        self.handles.open_file(ino, self.config.block_size)
     }
 
     pub async fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
@@ -70,10 +60,7 @@ impl Filesystem {
     }
 
     pub(super) fn handle_ino(&self, fh: u64) -> FsResult<u64> {
-        match self.handles().get(&fh) {
-            Some(Handle::File { ino, .. }) => Ok(*ino),
-            _ => Err(FsError::BadHandle),
-        }
+        Ok(self.handles.file(fh)?.0)
     }
 
     /// Close: the file's upload is scheduled after the write-back delay.
@@ -113,7 +100,7 @@ impl Filesystem {
 
     pub async fn release(&self, fh: u64) -> FsResult<()> {
         let (ino, route) = self.handle_route(fh)?;
-        self.handles().remove(&fh);
+        self.handles.close(fh);
         let data = self.ns().get(ino).and_then(|i| i.file.clone());
         if let Some(data) = data {
             let noted = match route {

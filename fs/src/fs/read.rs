@@ -12,7 +12,6 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
 
 use super::contents::{Content, FileData};
-use super::handles::Handle;
 use super::{Filesystem, blocking};
 use crate::cache::{self, RangeSet};
 use crate::error::{FsError, FsResult};
@@ -74,29 +73,10 @@ impl Filesystem {
         }
     }
 
-    /// The read-ahead window for a read at `offset`, growing while reads are sequential. The
-    /// kernel sends its own read-ahead as several reads at once, which may arrive out of order:
-    /// a read within a block of where the last ended still counts as sequential.
+    /// The read-ahead window for a read at `offset` through `fh` (see [`Handles::read_window`]).
     pub(super) fn readahead(&self, fh: u64, offset: u64, size: u64) -> u64 {
-        let mut handles = self.handles();
-        let Some(Handle::File {
-            next_offset,
-            window,
-            ..
-        }) = handles.get_mut(&fh)
-        else {
-            return 0;
-        };
-        let block = self.config.block_size;
-        let sequential = offset > 0 && offset.abs_diff(*next_offset) <= block;
-        if sequential {
-            *window = (*window * 2).min(self.config.max_readahead);
-            *next_offset = (*next_offset).max(offset + size);
-        } else {
-            *window = block;
-            *next_offset = offset + size;
-        }
-        *window
+        let (block, max) = (self.config.block_size, self.config.max_readahead);
+        self.handles.read_window(fh, offset, size, block, max)
     }
 
     /// Makes `want` (clipped to what the store holds) present in the cache file, fetching the

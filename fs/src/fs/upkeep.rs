@@ -1,7 +1,8 @@
 //! Upkeep of the cache: counting changed bytes, evicting clean data beyond the cache size, making room for writes and reads, and the periodic tick.
 
-use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::cache::Evictable;
@@ -16,11 +17,40 @@ pub(super) const CACHE_RECOUNT_AT_LEAST_EVERY: Duration = Duration::from_secs(30
 /// Evicted beyond what a write or read needs, so the next ones find room.
 pub(super) const ROOM_SLACK: u64 = 8 << 20;
 
+/// What upkeep counted last: changed bytes, and the cache disk's free bytes.
+#[derive(Debug, Default)]
+pub(super) struct CacheUpkeep {
+    /// Bytes of changed data not yet in the store (refreshed by the uploader's tick).
+    dirty_bytes: AtomicU64,
+    /// The cache disk's free bytes at the last count of the cache, and when: while they stay
+    /// the same, nothing was written to or removed from the cache, so it is not counted again
+    /// (one `stat` per cache file, every second, on an idle mount). A leaf lock.
+    last_count: Mutex<Option<(u64, Instant)>>,
+}
+
+impl CacheUpkeep {
+    pub(super) fn dirty_bytes(&self) -> u64 {
+        self.dirty_bytes.load(Ordering::Acquire)
+    }
+
+    fn set_dirty_bytes(&self, bytes: u64) {
+        self.dirty_bytes.store(bytes, Ordering::Release);
+    }
+
+    fn last_count(&self) -> Option<(u64, Instant)> {
+        *self.last_count.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_last_count(&self, count: Option<(u64, Instant)>) {
+        *self.last_count.lock().unwrap_or_else(|p| p.into_inner()) = count;
+    }
+}
+
 impl Filesystem {
     /// Writers wait here while changed data fills the cache and uploads can make room.
     pub(super) async fn wait_for_room(&self) {
         loop {
-            let full = self.dirty_bytes.load(Ordering::Acquire) > self.config.cache_size;
+            let full = self.upkeep.dirty_bytes() > self.config.cache_size;
             if !full || self.journal().is_empty() {
                 return;
             }
@@ -47,7 +77,7 @@ impl Filesystem {
         let bytes = blocking(move || Ok(names.iter().map(|n| cache.file_bytes(n)).sum::<u64>()))
             .await
             .unwrap_or(0);
-        self.dirty_bytes.store(bytes, Ordering::Release);
+        self.upkeep.set_dirty_bytes(bytes);
     }
 
     /// Once a second: upload files kept open and written past the maximum dirty age, count
@@ -79,10 +109,7 @@ impl Filesystem {
     /// between them (a file removed while a writer reopened it would lose that write).
     pub(super) async fn evict(&self) -> FsResult<()> {
         let (cache, limit) = (self.cache.clone(), self.config.cache_size);
-        let last = *self
-            .last_cache_count
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let last = self.upkeep.last_count();
         let counted = blocking(move || {
             let free = cache.free_bytes();
             let unchanged = last.is_some_and(|(then, at)| {
@@ -99,10 +126,8 @@ impl Filesystem {
         };
         if excess == 0 {
             // Under the size: counted again only once something changed on the cache disk.
-            *self
-                .last_cache_count
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = free.map(|free| (free, Instant::now()));
+            self.upkeep
+                .set_last_count(free.map(|free| (free, Instant::now())));
             return Ok(());
         }
         self.evict_among(excess, candidates).await
@@ -126,7 +151,10 @@ impl Filesystem {
             if blocking(move || Ok(cache.room_for(bytes))).await? {
                 return Ok(true);
             }
-            if self.journal().is_empty() || self.status().failing || Instant::now() >= deadline {
+            if self.journal().is_empty()
+                || self.uploads.status().failing
+                || Instant::now() >= deadline
+            {
                 return Ok(false);
             }
             // What waits out its write-back delay is due now: its upload frees the room.

@@ -68,11 +68,13 @@ impl S3Options {
             secret_file: None,
             max_attempts: 5,
             connect_timeout: Duration::from_secs(5),
-            read_timeout: super::spec::DEFAULT_TIMEOUT,
+            read_timeout: DEFAULT_TIMEOUT,
         }
     }
 }
 
+/// The default of `timeout=`: how long a request may wait for the store's answer.
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// "" stays "", anything else ends in exactly one `/`, without a leading `/`.
 fn normalize_prefix(prefix: &str) -> String {
     let trimmed = prefix.trim_matches('/');

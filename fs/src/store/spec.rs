@@ -14,7 +14,7 @@ use url::Url;
 
 use super::dir::DirStore;
 use super::memory::MemoryStore;
-use super::s3::{S3Options, S3Store};
+use super::s3::{DEFAULT_TIMEOUT, S3Options, S3Store};
 use super::{Result, SharedStore, StoreError};
 
 /// The query parameters an `s3://` spec accepts.
@@ -26,9 +26,6 @@ const S3_PARAMETERS: &[&str] = &[
     "secret_file",
     "timeout",
 ];
-
-/// The default of `timeout=`: how long a request may wait for the store's answer.
-pub(crate) const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Which store, and how to reach it.
 #[derive(Debug, Clone, PartialEq, Eq)]

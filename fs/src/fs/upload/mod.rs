@@ -11,8 +11,9 @@
 //! report shows, and the periodic work (uploading files kept open and written, evicting clean
 //! cached data beyond the cache size).
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::attrs::Kind;
@@ -70,6 +71,57 @@ pub(super) enum Applied {
     Moot(String),
 }
 
+/// The uploader's own state: how it is doing, its failed attempts, and whether (and until when)
+/// it may write to the store. Each lock here is a leaf: nothing else is locked while one is held.
+#[derive(Debug, Default)]
+pub(super) struct UploadState {
+    status: Mutex<Status>,
+    /// Failed attempts per pending change, for backoff.
+    attempts: Mutex<HashMap<u64, u32>>,
+    /// Set when this mount may no longer write to the store (its lease was taken over): why.
+    fenced: Mutex<Option<String>>,
+    /// With a lease: until when the last renewal lets this mount write to the store.
+    until: Mutex<Option<Instant>>,
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl UploadState {
+    pub(super) fn status(&self) -> MutexGuard<'_, Status> {
+        locked(&self.status)
+    }
+
+    pub(super) fn attempts(&self) -> MutexGuard<'_, HashMap<u64, u32>> {
+        locked(&self.attempts)
+    }
+
+    fn fence(&self, why: String) {
+        {
+            let mut status = self.status();
+            status.last_error = Some((SystemTime::now(), why.clone()));
+            status.failing = true;
+            status.permanent = true;
+        }
+        *locked(&self.fenced) = Some(why);
+    }
+
+    fn allow_until(&self, deadline: Instant) {
+        *locked(&self.until) = Some(deadline);
+    }
+
+    pub(super) fn fenced(&self) -> Option<String> {
+        locked(&self.fenced).clone()
+    }
+
+    /// Not fenced, and within the lease's last renewal (if there is a lease).
+    fn may_upload(&self) -> bool {
+        let until = *locked(&self.until);
+        self.fenced().is_none() && until.is_none_or(|until| Instant::now() < until)
+    }
+}
+
 impl Filesystem {
     /// Starts applying the change log in the background (on the current tokio runtime).
     pub fn start_uploader(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
@@ -83,16 +135,20 @@ impl Filesystem {
         loop {
             // While the store is failing, one change at a time probes it: no point in eight
             // snapshots and eight failures at once.
-            let failing = self.status().failing;
+            let failing = self.uploads.status().failing;
             let limit = if failing {
                 1
             } else {
                 self.config.uploads_in_flight
             };
             let room = limit.saturating_sub(in_flight.load(Ordering::Acquire));
-            let paused_until = self.status().paused_until.filter(|t| *t > Instant::now());
+            let paused_until = self
+                .uploads
+                .status()
+                .paused_until
+                .filter(|t| *t > Instant::now());
             let (mut batch, mut deletes) = (Vec::new(), Vec::new());
-            if room > 0 && paused_until.is_none() && self.may_upload() {
+            if room > 0 && paused_until.is_none() && self.uploads.may_upload() {
                 let now = SystemTime::now();
                 let mut journal = self.journal();
                 // Deletes due together go in one request (an `rm -r` records hundreds at once).
@@ -151,27 +207,11 @@ impl Filesystem {
         });
     }
 
-    pub(super) fn attempts(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, u32>> {
-        self.attempts.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub(super) fn status(&self) -> std::sync::MutexGuard<'_, Status> {
-        self.status.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Stops every write to the store for good (the lease was taken over): pending changes stay
     /// in the cache, writes fail with EROFS, and waits for uploads fail with `why`.
     pub fn fence(&self, why: String) {
         tracing::error!("{why}: no more uploads from this mount; its changes stay in the cache");
-        {
-            let mut status = self.status();
-            status.last_error = Some((SystemTime::now(), why.clone()));
-            status.failing = true;
-            status.permanent = true;
-        }
-        *self.fenced.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        self.uploads.fence(why);
         self.progress.notify_waiters();
         self.wake.notify_one();
     }
@@ -180,26 +220,18 @@ impl Filesystem {
     /// as of its last renewal, less a margin). Past it, uploads wait for the next renewal, so a
     /// mount that stalled past its lease writes nothing before it learns whether it lost it.
     pub fn allow_uploads_until(&self, deadline: Instant) {
-        *self.uploads_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(deadline);
+        self.uploads.allow_until(deadline);
         self.wake.notify_one();
-    }
-
-    pub(super) fn may_upload(&self) -> bool {
-        let until = *self.uploads_until.lock().unwrap_or_else(|p| p.into_inner());
-        self.fenced().is_none() && until.is_none_or(|until| Instant::now() < until)
     }
 
     /// Why this mount may no longer write to the store, if so.
     pub fn fenced(&self) -> Option<String> {
-        self.fenced
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.uploads.fenced()
     }
 
     /// How the uploader is doing.
     pub fn upload_status(&self) -> Status {
-        self.status().clone()
+        self.uploads.status().clone()
     }
 
     /// What is not yet in the store, with the changed bytes counted anew.
@@ -214,7 +246,7 @@ impl Filesystem {
         let journal = self.journal();
         Pending {
             changes: journal.len(),
-            bytes: self.dirty_bytes.load(Ordering::Acquire),
+            bytes: self.upkeep.dirty_bytes(),
             oldest: journal.entries().map(|e| e.not_before).min(),
         }
     }

@@ -21,7 +21,7 @@ impl Filesystem {
     /// failing and logged, after an untar). Failures of requests started before a pause do not
     /// lengthen it; an answer ends it.
     pub(super) fn pace(&self, failed: Option<&FsError>) {
-        let mut status = self.status();
+        let mut status = self.uploads.status();
         match failed {
             None => {
                 status.store_failures = 0;
@@ -81,9 +81,9 @@ impl Filesystem {
                         inode.checked = Instant::now();
                     }
                 }
-                self.attempts().remove(&seq);
-                self.store_answered();
-                let mut status = self.status();
+                self.uploads.attempts().remove(&seq);
+                self.health.answered();
+                let mut status = self.uploads.status();
                 status.failing = false;
                 status.permanent = false;
                 status.applied_changes += 1;
@@ -93,7 +93,7 @@ impl Filesystem {
             }
             Err(err) => {
                 let attempt = {
-                    let mut attempts = self.attempts();
+                    let mut attempts = self.uploads.attempts();
                     let count = attempts.entry(seq).or_insert(0);
                     *count += 1;
                     *count
@@ -115,7 +115,7 @@ impl Filesystem {
                     tracing::warn!("{message} (attempt {attempt}; retrying in {backoff:?})");
                 }
                 {
-                    let mut status = self.status();
+                    let mut status = self.uploads.status();
                     status.last_error = Some((SystemTime::now(), message));
                     status.failing = true;
                     status.permanent = permanent;

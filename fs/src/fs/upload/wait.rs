@@ -59,6 +59,7 @@ impl Filesystem {
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 let why = self
+                    .uploads
                     .status()
                     .last_error
                     .clone()
