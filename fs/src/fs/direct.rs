@@ -29,10 +29,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use super::{Content, FileData, Filesystem, blocking};
-use crate::cache::RangeSet;
+use super::{FileContents, FileData, Filesystem, blocking};
 use crate::cache::copy_cache_file;
 use crate::error::{FsError, FsResult};
 
@@ -109,12 +108,12 @@ impl Filesystem {
     ) -> FsResult<Option<Arc<File>>> {
         let mut content = Self::lock_for_change(data, open != Open::Reads).await;
         let size = data.size.load(Ordering::Acquire);
-        let direct = if content.routes.direct > 0 {
+        let direct = if content.routes().direct > 0 {
             true
-        } else if content.routes.through_mount > 0 || !self.passthrough.load(Ordering::Acquire) {
+        } else if content.routes().through_mount > 0 || !self.passthrough.load(Ordering::Acquire) {
             false
         } else {
-            let whole = content.partial().is_none() && content.present.contains(0..size);
+            let whole = content.partial().is_none() && content.present().contains(0..size);
             whole
                 && match open {
                     Open::Reads => true,
@@ -129,10 +128,10 @@ impl Filesystem {
             (true, true) => {
                 // Everything that can fail comes before the handle is counted.
                 self.make_dirty(data.ino, &mut content, size).await?;
-                let meta = content.file.metadata()?;
+                let meta = content.file().metadata()?;
                 let seen = (meta.len(), meta.modified()?);
                 if data.direct_writers.fetch_add(1, Ordering::AcqRel) == 0 {
-                    content.routes.seen = Some(seen);
+                    content.routes_mut().seen = Some(seen);
                 }
                 Route::DirectWrites
             }
@@ -142,19 +141,19 @@ impl Filesystem {
             ino = data.ino,
             fh,
             ?route,
-            through_mount = content.routes.through_mount,
-            direct = content.routes.direct,
+            through_mount = content.routes().through_mount,
+            direct = content.routes().direct,
             "route chosen"
         );
         if route == Route::Mount {
-            content.routes.through_mount += 1;
+            content.routes_mut().through_mount += 1;
             return Ok(None);
         }
         // The kernel's page cache of the file is not kept while it goes direct.
-        content.kernel_cached = None;
-        content.routes.direct += 1;
+        content.kernel_took_over();
+        content.routes_mut().direct += 1;
         self.metrics.direct_open();
-        Ok(Some(Arc::clone(&content.file)))
+        Ok(Some(Arc::clone(content.file())))
     }
 
     /// The kernel could not take the cache file of direct handle `fh` (no passthrough for this
@@ -168,7 +167,7 @@ impl Filesystem {
             return;
         };
         self.count_closed(&data, route).await;
-        data.content.lock().await.routes.through_mount += 1;
+        data.content.lock().await.routes_mut().through_mount += 1;
         self.handles.set_route(fh, Route::Mount);
     }
 
@@ -178,13 +177,13 @@ impl Filesystem {
         tracing::debug!(ino = data.ino, ?route, "route closed");
         match route {
             Route::Opening => {}
-            Route::Mount => content.routes.through_mount -= 1,
-            Route::DirectReads => content.routes.direct -= 1,
+            Route::Mount => content.routes_mut().through_mount -= 1,
+            Route::DirectReads => content.routes_mut().direct -= 1,
             Route::DirectWrites => {
-                content.routes.direct -= 1;
+                content.routes_mut().direct -= 1;
                 if data.direct_writers.fetch_sub(1, Ordering::AcqRel) == 1 {
-                    content.routes.seen = None;
-                    content.routes.read_while_written = false;
+                    content.routes_mut().seen = None;
+                    content.routes_mut().read_while_written = false;
                 }
             }
         }
@@ -227,40 +226,37 @@ impl Filesystem {
     pub(super) fn note_direct_writes_locked(
         &self,
         data: &FileData,
-        content: &mut Content,
+        content: &mut FileContents,
         look: Look,
     ) -> FsResult<Option<SystemTime>> {
         if data.direct_writers.load(Ordering::Acquire) == 0 {
             return Ok(None);
         }
         // fstat of an open local file: no disk I/O, fine on an async worker.
-        let meta = content.file.metadata()?;
+        let meta = content.file().metadata()?;
         let seen = (meta.len(), meta.modified()?);
-        let moved = content.routes.seen != Some(seen);
+        let moved = content.routes().seen != Some(seen);
         let changed = match look {
             Look::Compare => moved,
             Look::Changed => true,
-            Look::Release => moved || content.routes.read_while_written,
+            Look::Release => moved || content.routes().read_while_written,
         };
-        content.routes.seen = Some(seen);
+        content.routes_mut().seen = Some(seen);
         if !changed {
             return Ok(None);
         }
-        content.routes.read_while_written = false;
-        content.generation += 1;
-        content.dirty = true;
-        content.dirty_since.get_or_insert_with(Instant::now);
-        content.present = RangeSet::full(seen.0);
+        content.routes_mut().read_while_written = false;
+        content.written_by_kernel(seen.0);
         data.size.store(seen.0, Ordering::Release);
         Ok(Some(seen.1))
     }
 
     /// Marks that an upload is about to read `data`'s cache file, taking in direct writes
     /// first so that it reads the file's current length.
-    pub(super) fn upload_reads(&self, data: &FileData, content: &mut Content) -> FsResult<()> {
+    pub(super) fn upload_reads(&self, data: &FileData, content: &mut FileContents) -> FsResult<()> {
         if data.direct_writers.load(Ordering::Acquire) > 0 {
             self.note_direct_writes_locked(data, content, Look::Compare)?;
-            content.routes.read_while_written = true;
+            content.routes_mut().read_while_written = true;
         }
         Ok(())
     }
@@ -291,10 +287,10 @@ impl Filesystem {
     pub(super) async fn lock_for_change(
         data: &FileData,
         changes: bool,
-    ) -> tokio::sync::MutexGuard<'_, Content> {
+    ) -> tokio::sync::MutexGuard<'_, FileContents> {
         loop {
             let content = data.content.lock().await;
-            let read = Arc::strong_count(&content.upload_readers) > 1;
+            let read = content.read_by_upload();
             if !(changes && read && Self::held_by_kernel(&content)) {
                 return content;
             }
@@ -304,8 +300,8 @@ impl Filesystem {
     }
 
     /// Whether the cache file must stay where it is (the kernel holds it for direct handles).
-    pub(super) fn held_by_kernel(content: &Content) -> bool {
-        content.routes.direct > 0
+    pub(super) fn held_by_kernel(content: &FileContents) -> bool {
+        content.routes().direct > 0
     }
 
     fn room_to_write_directly(&self) -> bool {

@@ -138,7 +138,7 @@ impl Filesystem {
         let ino = self.ns().upsert(parent, &name, attrs, 0, None);
         let data = self.new_file_data(ino).await?;
         data.opens.fetch_add(1, Ordering::AcqRel);
-        let cache_file = data.content.lock().await.cache_name.clone();
+        let cache_file = data.content.lock().await.cache_name().to_string();
         let change = Change::PutFile {
             cache_file,
             attrs: attrs.into(),
@@ -193,7 +193,7 @@ impl Filesystem {
             } else {
                 let _ = self.materialize(&key, &mut content, size).await;
             }
-            content.remote_limit = 0;
+            content.cut_from_store();
         }
         {
             let _naming = self.naming.write().await;

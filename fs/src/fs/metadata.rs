@@ -90,7 +90,7 @@ impl Filesystem {
         }
         // New attributes of a changed file go with its contents when it is closed.
         let dirty = match &data {
-            Some(data) => data.content.lock().await.dirty,
+            Some(data) => data.content.lock().await.dirty(),
             None => false,
         };
         let _naming = self.naming.read().await;

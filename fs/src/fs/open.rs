@@ -25,11 +25,7 @@ impl Filesystem {
         let keep_cache = {
             let mut content = data.content.lock().await;
             // A truncating open (the kernel leaves O_TRUNC to the mount) drops the page cache.
-            let keep = !truncates
-                && content.kernel_cached.is_some()
-                && content.kernel_cached == content.etag;
-            content.kernel_cached = content.etag.clone();
-            keep
+            content.opened_by_kernel(truncates)
         };
         let fh = self.new_handle(ino);
         let truncated = if truncates {
@@ -84,7 +80,7 @@ impl Filesystem {
         self.note_direct_writes(&data, Look::Changed).await?;
         if self.config.fsync_local {
             self.queue_upload(&data, true).await?;
-            let file = Arc::clone(&data.content.lock().await.file);
+            let file = Arc::clone(data.content.lock().await.file());
             blocking(move || Ok(file.sync_all()?)).await?;
             return self.log(|j| j.sync()).await;
         }

@@ -1,10 +1,9 @@
 //! The open files: loading a file's contents state on first use, and letting it go.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
-use super::contents::{Content, FileData};
-use super::direct;
+use super::contents::{FileContents, FileData};
 use super::{Filesystem, blocking};
 use crate::attrs::Kind;
 use crate::cache::RangeSet;
@@ -52,31 +51,7 @@ impl Filesystem {
                     Ok((file, length, cache.partial(&name)?))
                 })
                 .await?;
-                let (present, changed, etag, remote_limit) = match partial {
-                    Some(partial) => (
-                        partial.changed.clone(),
-                        partial.changed,
-                        Some(partial.etag),
-                        partial.base_end,
-                    ),
-                    None => (RangeSet::full(length), RangeSet::default(), None, 0),
-                };
-                let content = Content {
-                    cache_name,
-                    file: Arc::new(file),
-                    present,
-                    etag,
-                    remote_limit,
-                    dirty: true,
-                    generation: 0,
-                    queued_generation: 0,
-                    dirty_since: None,
-                    kernel_cached: None,
-                    changed,
-                    fetching: Vec::new(),
-                    upload_readers: Arc::default(),
-                    routes: direct::Routes::default(),
-                };
+                let content = FileContents::pending(cache_name, file, length, partial);
                 (content, length)
             }
             (None, Some(remote)) => {
@@ -105,22 +80,8 @@ impl Filesystem {
                     }
                 })
                 .await?;
-                let content = Content {
-                    cache_name,
-                    file: Arc::new(file),
-                    present,
-                    etag: Some(remote.etag.clone()),
-                    remote_limit: remote.size.min(size),
-                    dirty: false,
-                    generation: 0,
-                    queued_generation: 0,
-                    dirty_since: None,
-                    kernel_cached: None,
-                    changed: RangeSet::default(),
-                    fetching: Vec::new(),
-                    upload_readers: Arc::default(),
-                    routes: direct::Routes::default(),
-                };
+                let limit = remote.size.min(size);
+                let content = FileContents::stored(cache_name, file, present, remote.etag, limit);
                 (content, size)
             }
             (None, None) => {
@@ -129,14 +90,8 @@ impl Filesystem {
                 ))));
             }
         };
-        let name = content.cache_name.clone();
-        let data = Arc::new(FileData {
-            ino,
-            content: tokio::sync::Mutex::new(content),
-            size: AtomicU64::new(size),
-            opens: AtomicUsize::new(0),
-            direct_writers: AtomicUsize::new(0),
-        });
+        let name = content.cache_name().to_string();
+        let data = Arc::new(FileData::new(ino, content, size));
         registry.insert(name, Arc::downgrade(&data));
         let mut ns = self.ns();
         let inode = ns.get_mut(ino).ok_or(FsError::NotFound)?;
@@ -148,28 +103,11 @@ impl Filesystem {
         let mut registry = self.files.lock().await;
         let cache = self.cache.clone();
         let (name, file) = blocking(move || cache.new_file()).await?;
-        let data = Arc::new(FileData {
+        let data = Arc::new(FileData::new(
             ino,
-            content: tokio::sync::Mutex::new(Content {
-                cache_name: name.clone(),
-                file: Arc::new(file),
-                present: RangeSet::default(),
-                etag: None,
-                remote_limit: 0,
-                dirty: true,
-                generation: 0,
-                queued_generation: 0,
-                dirty_since: None,
-                kernel_cached: None,
-                changed: RangeSet::default(),
-                fetching: Vec::new(),
-                upload_readers: Arc::default(),
-                routes: direct::Routes::default(),
-            }),
-            size: AtomicU64::new(0),
-            opens: AtomicUsize::new(0),
-            direct_writers: AtomicUsize::new(0),
-        });
+            FileContents::created(name.clone(), file),
+            0,
+        ));
         registry.insert(name, Arc::downgrade(&data));
         if let Some(inode) = self.ns().get_mut(ino) {
             inode.file = Some(Arc::clone(&data));
@@ -179,7 +117,7 @@ impl Filesystem {
 
     /// Frees a file's in-memory state once no one has it open and it is in the store.
     pub(super) async fn drop_if_clean(&self, data: &Arc<FileData>) {
-        let clean = !data.content.lock().await.dirty;
+        let clean = !data.content.lock().await.dirty();
         if !clean || data.opens.load(Ordering::Acquire) > 0 {
             return;
         }
@@ -194,7 +132,7 @@ impl Filesystem {
 
     /// Deletes a file's cache file once nothing needs it (unlinked, not open, not pending).
     pub(super) async fn drop_cache_file_if_unused(&self, data: &Arc<FileData>) {
-        let name = data.content.lock().await.cache_name.clone();
+        let name = data.content.lock().await.cache_name().to_string();
         if !self.uploads_cache_file(&name) {
             self.cache.discard_file(&name);
             self.files.lock().await.remove(&name);

@@ -11,9 +11,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
 
-use super::contents::{Content, FileData};
+use super::contents::{FileContents, FileData};
 use super::{Filesystem, blocking};
-use crate::cache::{self, RangeSet};
+use crate::cache::{self};
 use crate::error::{FsError, FsResult};
 use crate::journal::Change;
 use crate::namespace::Remote;
@@ -84,15 +84,15 @@ impl Filesystem {
     pub(super) async fn fetch(
         &self,
         key: &str,
-        content: &mut Content,
+        content: &mut FileContents,
         want: Range<u64>,
     ) -> FsResult<()> {
-        let limit = content.remote_limit;
+        let limit = content.remote_limit();
         if want.start >= limit {
             return Ok(());
         }
         let want_end = want.end.min(limit);
-        if content.present.contains(want.start..want_end) {
+        if content.present().contains(want.start..want_end) {
             return Ok(());
         }
         let block = self.config.block_size;
@@ -102,7 +102,7 @@ impl Filesystem {
         // its larger requests instead, see readahead.rs).
         let chunk = block.max(self.config.part_size / 2);
         let pieces: Vec<Range<u64>> = content
-            .present
+            .present()
             .missing(start..end)
             .into_iter()
             .flat_map(|gap| {
@@ -116,8 +116,8 @@ impl Filesystem {
         if wanted > 0 && !blocking(move || Ok(cache.room_for(wanted))).await? {
             return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::ENOSPC)));
         }
-        let etag = content.etag.clone();
-        let file = Arc::clone(&content.file);
+        let etag = content.etag().cloned();
+        let file = Arc::clone(content.file());
         let source = self.fetch_key(key);
         let fetched: Vec<Range<u64>> = stream::iter(pieces)
             .map(|piece| {
@@ -151,23 +151,23 @@ impl Filesystem {
             .try_collect()
             .await?;
         for range in fetched {
-            content.present.insert(range);
+            content.fetched(range);
         }
-        if let Some(etag) = &content.etag
-            && !content.dirty
+        if let Some(etag) = content.etag()
+            && !content.dirty()
         {
             let (cache, key, name, etag, present) = (
                 self.cache.clone(),
                 key.to_string(),
-                content.cache_name.clone(),
+                content.cache_name().to_string(),
                 etag.clone(),
-                content.present.clone(),
+                content.present().clone(),
             );
             if let Err(err) = blocking(move || cache.record(&key, &name, &etag, &present)).await {
                 // The bytes are cached all the same; the index forgets them (a full disk).
                 tracing::warn!(
                     "could not record what is cached of {}: {err}",
-                    content.cache_name
+                    content.cache_name()
                 );
             }
         }
@@ -179,16 +179,15 @@ impl Filesystem {
     pub(super) async fn make_whole(
         &self,
         key: &str,
-        content: &mut Content,
+        content: &mut FileContents,
         size: u64,
     ) -> FsResult<()> {
         if content.partial().is_none() {
             return Ok(());
         }
         self.materialize(key, content, size).await?;
-        content.remote_limit = 0;
-        content.present = RangeSet::full(size);
-        let (cache, name) = (self.cache.clone(), content.cache_name.clone());
+        content.made_whole(size);
+        let (cache, name) = (self.cache.clone(), content.cache_name().to_string());
         blocking(move || cache.forget_partial(&name)).await
     }
 
@@ -219,16 +218,14 @@ impl Filesystem {
     pub(super) async fn materialize(
         &self,
         key: &str,
-        content: &mut Content,
+        content: &mut FileContents,
         size: u64,
     ) -> FsResult<()> {
         match self.fetch(key, content, 0..size).await {
             Err(FsError::Store(err)) if err.kind() == ErrorKind::PreconditionFailed => {
                 let info = self.store.head(&self.fetch_key(key)).await?;
                 tracing::info!("{key} changed in the store; taking its current version");
-                content.present = RangeSet::default();
-                content.etag = Some(info.etag);
-                content.remote_limit = info.size;
+                content.take_store_version(info.etag, info.size);
                 self.fetch(key, content, 0..size).await
             }
             other => other,
@@ -244,11 +241,11 @@ impl Filesystem {
         let data = self.ns().get(ino)?.file.clone()?;
         let content = data.content.try_lock().ok()?;
         let end = (offset + u64::from(size)).min(data.size.load(Ordering::Acquire));
-        let limit = content.remote_limit;
-        if offset >= end || (offset < limit && !content.present.contains(offset..limit)) {
+        let limit = content.remote_limit();
+        if offset >= end || (offset < limit && !content.present().contains(offset..limit)) {
             return None;
         }
-        let file = Arc::clone(&content.file);
+        let file = Arc::clone(content.file());
         drop(content);
         let bytes = read_if_in_memory(&file, offset..end)?;
         self.readahead(fh, offset, u64::from(size));
@@ -267,9 +264,9 @@ impl Filesystem {
             return Ok(Bytes::new());
         }
         let mut end = (offset + size as u64).min(length);
-        let stored_end = end.min(content.remote_limit);
+        let stored_end = end.min(content.remote_limit());
         self.metrics
-            .cache_read(offset >= stored_end || content.present.contains(offset..stored_end));
+            .cache_read(offset >= stored_end || content.present().contains(offset..stored_end));
         let arriving = self
             .fetch_ahead(&key, &data, &mut content, offset..end, window)
             .await;
@@ -310,7 +307,7 @@ impl Filesystem {
                 return Err(err);
             }
         }
-        let file = Arc::clone(&content.file);
+        let file = Arc::clone(content.file());
         drop(content);
         let bytes = match read_if_in_memory(&file, offset..end) {
             Some(bytes) => bytes,
@@ -324,15 +321,15 @@ impl Filesystem {
     pub(super) async fn read_uncached(
         &self,
         key: &str,
-        content: &Content,
+        content: &FileContents,
         range: Range<u64>,
     ) -> Option<FsResult<Bytes>> {
-        if content.dirty || range.end > content.remote_limit {
+        if content.dirty() || range.end > content.remote_limit() {
             return None;
         }
         let options = GetOptions {
             range: Some(range),
-            if_match: content.etag.clone(),
+            if_match: content.etag().cloned(),
         };
         let got = self.store.get(&self.fetch_key(key), options).await;
         Some(got.map(|got| got.body).map_err(FsError::from))
@@ -343,12 +340,10 @@ impl Filesystem {
         let key = self.key_of(ino)?;
         let info = self.store.head(&self.fetch_key(&key)).await?;
         let mut content = data.content.lock().await;
-        if content.dirty {
+        if content.dirty() {
             return Ok(());
         }
-        content.present = RangeSet::default();
-        content.etag = Some(info.etag.clone());
-        content.remote_limit = info.size;
+        content.take_store_version(info.etag.clone(), info.size);
         data.size.store(info.size, Ordering::Release);
         if let Some(inode) = self.ns().get_mut(ino) {
             inode.size = info.size;

@@ -17,7 +17,7 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use tokio::sync::watch;
 
-use super::{Content, FileData, Filesystem, blocking};
+use super::{FileContents, FileData, Filesystem, blocking};
 use crate::cache::{self, RangeSet};
 use crate::error::FsResult;
 use crate::store::{ETag, GetOptions, GetStream};
@@ -53,12 +53,12 @@ impl Filesystem {
         &self,
         key: &str,
         data: &Arc<FileData>,
-        content: &mut Content,
+        content: &mut FileContents,
         want: Range<u64>,
         window: u64,
     ) -> Vec<watch::Receiver<()>> {
-        let limit = content.remote_limit;
-        let Some(etag) = content.etag.clone() else {
+        let limit = content.remote_limit();
+        let Some(etag) = content.etag().cloned() else {
             return Vec::new();
         };
         let (block, chunk) = (self.config.block_size, self.read_chunk());
@@ -71,17 +71,17 @@ impl Filesystem {
             .div_ceil(grain)
             .saturating_mul(grain)
             .min(limit);
-        if start >= end || content.present.contains(start..end) {
+        if start >= end || content.present().contains(start..end) {
             return Vec::new();
         }
-        content.fetching.retain(|f| !f.finished());
+        content.fetching_mut().retain(|f| !f.finished());
         let mut busy = RangeSet::default();
-        for fetching in &content.fetching {
+        for fetching in content.fetching() {
             busy.insert(fetching.range.clone());
         }
         let overlaps = |r: &Range<u64>| r.start < want.end && want.start < r.end;
         let mut pieces = Vec::new();
-        for gap in content.present.missing(start..end) {
+        for gap in content.present().missing(start..end) {
             for idle in busy.missing(gap) {
                 let mut at = idle.start;
                 while at < idle.end {
@@ -94,7 +94,7 @@ impl Filesystem {
         let mut room = self
             .config
             .concurrency
-            .saturating_sub(content.fetching.len());
+            .saturating_sub(content.fetching_mut().len());
         pieces.retain(|piece| {
             let needed = overlaps(piece);
             if needed || room > 0 {
@@ -121,13 +121,13 @@ impl Filesystem {
                 source: source.clone(),
                 etag: etag.clone(),
                 data: Arc::clone(data),
-                file: Arc::clone(&content.file),
+                file: Arc::clone(content.file()),
             };
             let done = self.spawn_fetch(target, piece.clone());
-            content.fetching.push(InFlight { range: piece, done });
+            content.fetching_mut().push(InFlight { range: piece, done });
         }
         content
-            .fetching
+            .fetching()
             .iter()
             .filter(|f| overlaps(&f.range))
             .map(|f| f.done.clone())
@@ -155,7 +155,7 @@ impl Filesystem {
                 Err(err) => Err(err.into()),
             };
             let mut content = target.data.content.lock().await;
-            content.fetching.retain(|f| f.range != piece);
+            content.fetching_mut().retain(|f| f.range != piece);
             match landed {
                 Ok(true) => {}
                 Ok(false) => return, // The file moved on to another version meanwhile.
@@ -164,15 +164,15 @@ impl Filesystem {
                     return;
                 }
             }
-            if content.fetching.is_empty() && !content.dirty {
+            if content.fetching_mut().is_empty() && !content.dirty() {
                 // The last of a run of fetches tells the index what is cached now.
-                let (name, present) = (content.cache_name.clone(), content.present.clone());
+                let (name, present) = (content.cache_name().to_string(), content.present().clone());
                 let (key, etag) = (target.key, target.etag);
                 if let Err(err) = blocking(move || cache.record(&key, &name, &etag, &present)).await
                 {
                     tracing::warn!(
                         "could not record what is cached of {}: {err}",
-                        content.cache_name
+                        content.cache_name()
                     );
                 }
             }
@@ -213,11 +213,13 @@ async fn land(target: &Target, got: GetStream) -> FsResult<bool> {
 /// truncation or a new version win. Returns false if the file has moved on.
 async fn write_missing(target: &Target, at: u64, bytes: Bytes) -> FsResult<bool> {
     let mut content = target.data.content.lock().await;
-    if content.etag.as_ref() != Some(&target.etag) || !Arc::ptr_eq(&content.file, &target.file) {
+    if content.etag() != Some(&target.etag) || !Arc::ptr_eq(content.file(), &target.file) {
         return Ok(false);
     }
     let end = at + bytes.len() as u64;
-    let gaps = content.present.missing(at..end.min(content.remote_limit));
+    let gaps = content
+        .present()
+        .missing(at..end.min(content.remote_limit()));
     let (file, writes) = (Arc::clone(&target.file), gaps.clone());
     blocking(move || {
         for gap in writes {
@@ -228,7 +230,7 @@ async fn write_missing(target: &Target, at: u64, bytes: Bytes) -> FsResult<bool>
     })
     .await?;
     for gap in gaps {
-        content.present.insert(gap);
+        content.fetched(gap);
     }
     Ok(true)
 }
@@ -286,9 +288,9 @@ mod tests {
         let data = fs.file_data(fs.handle_ino(fh).unwrap()).await.unwrap();
         let content = data.content.lock().await;
         assert!(
-            content.fetching.iter().any(|f| f.range.contains(&past)),
+            content.fetching().iter().any(|f| f.range.contains(&past)),
             "no read-ahead in flight over {past}: {:?}",
-            content.fetching
+            content.fetching()
         );
     }
 

@@ -187,9 +187,9 @@ impl Filesystem {
         }
         if let Some(data) = data {
             let content = data.content.lock().await;
-            if content.dirty {
+            if content.dirty() {
                 return Ok(Change::PutFile {
-                    cache_file: content.cache_name.clone(),
+                    cache_file: content.cache_name().to_string(),
                     attrs: stored,
                 });
             }

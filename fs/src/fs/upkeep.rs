@@ -68,9 +68,9 @@ impl Filesystem {
         let mut names = self.referenced_cache_files();
         for data in self.files.lock().await.values().filter_map(|w| w.upgrade()) {
             if let Ok(content) = data.content.try_lock()
-                && content.dirty
+                && content.dirty()
             {
-                names.insert(content.cache_name.clone());
+                names.insert(content.cache_name().to_string());
             }
         }
         let cache = self.cache.clone();
@@ -93,7 +93,7 @@ impl Filesystem {
                 .content
                 .lock()
                 .await
-                .dirty_since
+                .dirty_since()
                 .is_some_and(|since| since.elapsed() >= self.config.max_dirty_age);
             if old {
                 self.queue_upload(&data, false).await?;

@@ -4,11 +4,10 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use super::contents::{Content, FileData};
+use super::contents::{FileContents, FileData};
 use super::{Filesystem, blocking};
-use crate::cache::RangeSet;
 use crate::error::{FsError, FsResult};
 use crate::journal::Change;
 
@@ -18,41 +17,39 @@ pub(super) const ROOM_WAIT: Duration = Duration::from_secs(30);
 impl Filesystem {
     /// Whether a file about to change may keep its unfetched bytes in the store: it is large,
     /// its object is under its own key (no rename is pending), and it is not all cached.
-    pub(super) fn may_stay_partial(&self, key: &str, content: &Content, size: u64) -> bool {
-        let base_end = content.remote_limit.min(size);
+    pub(super) fn may_stay_partial(&self, key: &str, content: &FileContents, size: u64) -> bool {
+        let base_end = content.remote_limit().min(size);
         !key.is_empty()
-            && content.etag.is_some()
+            && content.etag().is_some()
             && base_end >= self.config.copy_threshold
             && self.fetch_key(key) == key
-            && !content.present.contains(0..base_end)
+            && !content.present().contains(0..base_end)
     }
 
     /// Marks the contents changed locally: the index stops describing them. A large stored
-    /// file not all cached keeps the rest in the store (see [`Content::partial`]); any other
+    /// file not all cached keeps the rest in the store (see [`FileContents::partial`]); any other
     /// fetches what it lacks first.
     pub(super) async fn make_dirty(
         &self,
         ino: u64,
-        content: &mut Content,
+        content: &mut FileContents,
         size: u64,
     ) -> FsResult<()> {
-        if Arc::strong_count(&content.upload_readers) > 1 && !Self::held_by_kernel(content) {
+        if content.read_by_upload() && !Self::held_by_kernel(content) {
             self.copy_aside(content).await?;
         }
-        if !content.dirty {
+        if !content.dirty() {
             // An unlinked file still open has no key, and nothing left to fetch.
             let key = self.key_of(ino).unwrap_or_default();
             if self.may_stay_partial(&key, content, size) {
-                content.remote_limit = content.remote_limit.min(size);
-                content.dirty = true;
-                content.changed = RangeSet::default();
+                content.start_partial_change(size);
                 let partial = content
                     .partial()
                     .expect("a partial file has a base version");
                 let (cache, file, name) = (
                     self.cache.clone(),
-                    Arc::clone(&content.file),
-                    content.cache_name.clone(),
+                    Arc::clone(content.file()),
+                    content.cache_name().to_string(),
                 );
                 blocking(move || {
                     // The cache file is as long as the file, its unfetched parts holes.
@@ -65,25 +62,22 @@ impl Filesystem {
                 .await?;
             } else {
                 self.materialize(&key, content, size).await?;
-                content.dirty = true;
-                content.remote_limit = 0;
-                content.present = RangeSet::full(size);
+                content.start_whole_change(size);
                 let cache = self.cache.clone();
                 blocking(move || cache.forget(&key)).await?;
             }
         }
-        content.generation += 1;
-        content.dirty_since.get_or_insert_with(Instant::now);
+        content.count_change();
         Ok(())
     }
 
     /// Copy on write: the uploader is reading this file's cache file, so before the file
     /// changes, its bytes move to a copy that takes the cache file's place; the upload goes on
     /// reading the version it started with. A partial file's copy holds only the bytes it has.
-    pub(super) async fn copy_aside(&self, content: &mut Content) -> FsResult<()> {
-        let path = self.cache.path_of(&content.cache_name);
+    pub(super) async fn copy_aside(&self, content: &mut FileContents) -> FsResult<()> {
+        let path = self.cache.path_of(content.cache_name());
         let copy = self.cache.snapshot_path();
-        let spans = content.partial().map(|_| content.present.clone());
+        let spans = content.partial().map(|_| content.present().clone());
         let file = blocking(move || {
             // The directory is synced too: an fsync of the file (fsync=local) must find the
             // copy under the cache file's name after a power loss.
@@ -100,8 +94,7 @@ impl Filesystem {
                 .open(&path)?)
         })
         .await?;
-        content.file = Arc::new(file);
-        content.upload_readers = Arc::default();
+        content.moved_to(file);
         Ok(())
     }
 
@@ -126,21 +119,18 @@ impl Filesystem {
         let mut content = data.content.lock().await;
         let size = data.size.load(Ordering::Acquire);
         self.make_dirty(ino, &mut content, size).await?;
-        let (file, len) = (Arc::clone(&content.file), bytes.len() as u64);
+        let (file, len) = (Arc::clone(content.file()), bytes.len() as u64);
         blocking(move || Ok(file.write_all_at(&bytes, offset)?)).await?;
         let new_size = size.max(offset + len);
-        match content.partial() {
-            Some(_) if content.changed.contains(offset..offset + len) => {}
-            Some(mut partial) => {
-                // Recorded before the write returns: after a crash, the upload must know these
-                // bytes are the file's own, not the base version's.
-                content.present.insert(offset..offset + len);
-                content.changed.insert(offset..offset + len);
-                partial.changed = content.changed.clone();
-                let (cache, name) = (self.cache.clone(), content.cache_name.clone());
-                blocking(move || cache.record_partial(&name, &partial)).await?;
-            }
-            None => content.present.insert(0..new_size),
+        let covered = content.changed_covers(offset..offset + len);
+        content.wrote(offset..offset + len, new_size);
+        if let Some(partial) = content.partial()
+            && !covered
+        {
+            // Recorded before the write returns: after a crash, the upload must know these
+            // bytes are the file's own, not the base version's.
+            let (cache, name) = (self.cache.clone(), content.cache_name().to_string());
+            blocking(move || cache.record_partial(&name, &partial)).await?;
         }
         data.size.store(new_size, Ordering::Release);
         drop(content);
@@ -158,24 +148,16 @@ impl Filesystem {
         let mut content = Self::lock_for_change(&data, true).await;
         let size = data.size.load(Ordering::Acquire);
         // Only the bytes that survive need fetching.
-        content.remote_limit = content.remote_limit.min(new_size);
+        content.limit_store_bytes(new_size);
         self.make_dirty(ino, &mut content, new_size.min(size))
             .await?;
-        let file = Arc::clone(&content.file);
+        let file = Arc::clone(content.file());
         blocking(move || Ok(file.set_len(new_size)?)).await?;
-        let (cache, name) = (self.cache.clone(), content.cache_name.clone());
+        let (cache, name) = (self.cache.clone(), content.cache_name().to_string());
+        content.truncated(new_size);
         match content.partial() {
-            Some(mut partial) => {
-                content.present.truncate(new_size);
-                content.changed.truncate(new_size);
-                partial.changed = content.changed.clone();
-                blocking(move || cache.record_partial(&name, &partial)).await?;
-            }
-            None => {
-                // Cut to nothing of its base version: no longer partial, if it was.
-                content.present = RangeSet::full(new_size);
-                blocking(move || cache.forget_partial(&name)).await?;
-            }
+            Some(partial) => blocking(move || cache.record_partial(&name, &partial)).await?,
+            None => blocking(move || cache.forget_partial(&name)).await?,
         }
         data.size.store(new_size, Ordering::Release);
         drop(content);
@@ -209,9 +191,8 @@ impl Filesystem {
                 inode.remote.is_some(),
             )
         };
-        let recorded = content.queued_generation == content.generation
-            && self.journal().latest(&key).is_some();
-        if !content.dirty || recorded {
+        let recorded = content.queued() && self.journal().latest(&key).is_some();
+        if !content.dirty() || recorded {
             if delayed {
                 return Ok(self.journal().latest(&key).map(|e| e.seq));
             }
@@ -219,12 +200,11 @@ impl Filesystem {
             return self.log(move |j| j.hurry(&hurried)).await;
         }
         let change = Change::PutFile {
-            cache_file: content.cache_name.clone(),
+            cache_file: content.cache_name().to_string(),
             attrs: attrs.into(),
         };
         let seq = self.record(&key, change, in_store, delayed).await?;
-        content.queued_generation = content.generation;
-        content.dirty_since = None;
+        content.queued_for_upload();
         Ok(seq)
     }
 }

@@ -48,7 +48,7 @@ impl Filesystem {
             drop(registry);
             self.upload_reads(&data, &mut content)?;
             if data.direct_writers.load(Ordering::Acquire) > 0 {
-                let generation = content.generation;
+                let generation = content.generation();
                 drop(content);
                 let (file, path, size) = self.settled_copy(source).await?;
                 return Ok(Some(Snapshot {
@@ -65,10 +65,10 @@ impl Filesystem {
             return Ok(Some(Snapshot {
                 file,
                 path: source,
-                reading: Some(Arc::clone(&content.upload_readers)),
+                reading: Some(content.upload_reader()),
                 size: data.size.load(Ordering::Acquire),
                 partial: content.partial(),
-                holder: Some((Arc::clone(&data), content.generation)),
+                holder: Some((Arc::clone(&data), content.generation())),
             }));
         }
         let (cache, name) = (self.cache.clone(), cache_file.to_string());
@@ -135,7 +135,7 @@ impl Filesystem {
                 let etag = self
                     .put_file(&entry.key, file, size, attrs, partial.as_ref())
                     .await?;
-                (etag, content.generation, partial)
+                (etag, content.generation(), partial)
             }
             None => {
                 let (cache, name) = (self.cache.clone(), cache_file.to_string());

@@ -185,25 +185,15 @@ impl Filesystem {
         let mut rebased = None;
         if let (Some((data, generation)), Some(content)) = (&holder, held.as_mut()) {
             let written = data.direct_writers.load(Ordering::Acquire) > 0;
-            if content.cache_name == cache_file
-                && content.generation == *generation
+            if content.cache_name() == cache_file
+                && content.generation() == *generation
                 && !later
                 && !written
             {
-                content.dirty = false;
-                content.etag = Some(etag.clone());
-                content.remote_limit = size;
-                if partial.is_none() {
-                    content.present = RangeSet::full(size);
-                }
-                present = content.present.clone();
-                content.kernel_cached = Some(etag.clone());
-                content.dirty_since = None;
+                present = content.uploaded(etag.clone(), size, partial.is_some());
                 clean = true;
-            } else if content.cache_name == cache_file && content.partial().is_some() {
-                content.etag = Some(etag.clone());
-                content.remote_limit = size.min(data.size.load(Ordering::Acquire));
-                rebased = content.partial();
+            } else if content.cache_name() == cache_file && content.partial().is_some() {
+                rebased = content.rebase(etag.clone(), size.min(data.size.load(Ordering::Acquire)));
             }
         } else if later && let Some(partial) = &partial {
             rebased = Some(Partial {
@@ -248,13 +238,11 @@ impl Filesystem {
         };
         if let Some(data) = data {
             let mut content = data.content.lock().await;
-            if !content.dirty && content.etag.as_ref() == Some(old) {
-                content.etag = Some(etag.clone());
-                let (cache, key, file, present) = (
+            if let Some(present) = content.copied_as(old, etag.clone()) {
+                let (cache, key, file) = (
                     self.cache.clone(),
                     key.to_string(),
-                    content.cache_name.clone(),
-                    content.present.clone(),
+                    content.cache_name().to_string(),
                 );
                 blocking(move || cache.record(&key, &file, &etag, &present)).await?;
             }

@@ -35,7 +35,7 @@ impl Filesystem {
             .filter_map(|w| w.upgrade())
             .collect();
         for data in open {
-            if data.content.lock().await.dirty {
+            if data.content.lock().await.dirty() {
                 self.queue_upload(&data, false).await?;
             }
         }
