@@ -43,7 +43,7 @@ fn index(c: &mut Criterion) {
         let (file, _) = cache.new_file().unwrap();
         let etag = ETag(format!("\"{i:032x}\""));
         cache
-            .record(&format!("vol/dir/file-{i}"), &file, &etag, &present)
+            .index_version(&format!("vol/dir/file-{i}"), &file, &etag, &present)
             .unwrap();
     }
     let mut i = 0;

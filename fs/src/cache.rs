@@ -335,8 +335,14 @@ impl Cache {
         }))
     }
 
-    /// Records that `file` holds `present` of version `etag` of `key` (and is no longer changed).
-    pub fn record(&self, key: &str, file: &str, etag: &ETag, present: &RangeSet) -> FsResult<()> {
+    /// Indexes `file` as holding `present` of version `etag` of `key` (clean: no longer changed).
+    pub fn index_version(
+        &self,
+        key: &str,
+        file: &str,
+        etag: &ETag,
+        present: &RangeSet,
+    ) -> FsResult<()> {
         let mut index = self.index();
         let tx = index.transaction()?;
         tx.execute("DELETE FROM partial WHERE file = ?1", params![file])?;
@@ -605,7 +611,7 @@ mod tests {
         present.insert(0..100);
         present.insert(200..300);
         cache
-            .record("a/b", &file, &ETag("\"e\"".into()), &present)
+            .index_version("a/b", &file, &ETag("\"e\"".into()), &present)
             .unwrap();
         cache.rename("a/", "z/", true).unwrap();
         drop(cache);

@@ -7,6 +7,24 @@
 //! s3fs-style metadata. Reads fill a local block cache from the store. Changes apply to the
 //! local cache and to the change log ([`crate::journal`]) and return at local speed; the
 //! uploader ([`upload`]) applies the log to the store in order, in the background.
+//!
+//! This file holds the [`Filesystem`] itself: its parts, how they are wired, and the order of
+//! their locks. The operations live beside it, one concern a file, each an `impl Filesystem`
+//! over the parts (docs/ARCHITECTURE.md draws the picture):
+//!
+//! - state with rules of its own, in types that own it: [`contents`] (a file's cache file and
+//!   what it holds; the only place its state changes), [`handles`] (open handles and read-ahead
+//!   windows), [`health`] (whether the store answers), `upload::UploadState` (the uploader's
+//!   status, attempts and fence), `upkeep::CacheUpkeep` (changed bytes, the last count of the
+//!   cache), [`listings`] (pages of directories listed from above); and below this module,
+//!   [`crate::namespace`] (the inode table) and [`crate::journal`] (the change log);
+//! - the operations: [`lookup`] (a name to an inode: what the mount knows, the change log, the
+//!   store), [`metadata`] (getattr, setattr, readlink), [`entries`] (create, mkdir, symlink,
+//!   unlink, rmdir), [`dirs`] (listings merged with pending changes, readdir), [`rename`],
+//!   [`open`] (open, flush, fsync, release), [`open_files`] (loading and dropping a file's open
+//!   state), [`read`] (and [`readahead`] in the background), [`write`] (writes, truncation,
+//!   queueing an upload), [`direct`] (the kernel reading and writing cache files itself);
+//! - the background: [`upload`] (applying the change log) and [`upkeep`] (eviction, room).
 
 mod config;
 mod contents;
@@ -61,6 +79,17 @@ use upkeep::CacheUpkeep;
 use upload::UploadState;
 
 /// The filesystem over one store prefix.
+///
+/// Lock order: a task takes these locks in this order and never the other way round:
+/// 1. `files`, the registry of open files (async);
+/// 2. one file's content lock, `FileData::content` (async; never two files' at once);
+/// 3. `naming` (async, read or write);
+/// 4. `ns`, the inode table (std; never held across an await);
+/// 5. `journal`, the change log's memory (std; never held across an await; SQLite work runs
+///    under it on a blocking thread, see `Filesystem::update_change_log`).
+///
+/// The other locks are leaves, each inside its part (`handles`, `health`, `uploads`, `upkeep`,
+/// `listings`): nothing else is taken while one is held.
 #[derive(Debug)]
 pub struct Filesystem {
     /// The store, counted in `metrics`.
@@ -155,12 +184,12 @@ impl Filesystem {
     }
 
     /// The change log's in-memory side (no disk I/O while held).
-    fn journal(&self) -> MutexGuard<'_, Journal> {
+    fn change_log(&self) -> MutexGuard<'_, Journal> {
         self.journal.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Runs a change-log update (which writes SQLite) off the async workers.
-    async fn log<T: Send + 'static>(
+    async fn update_change_log<T: Send + 'static>(
         &self,
         work: impl FnOnce(&mut Journal) -> FsResult<T> + Send + 'static,
     ) -> FsResult<T> {
@@ -172,7 +201,7 @@ impl Filesystem {
     }
 
     /// Records a change of `key`, due after the write-back delay (or now).
-    async fn record(
+    async fn log_change(
         &self,
         key: &str,
         change: Change,
@@ -188,7 +217,7 @@ impl Filesystem {
         self.listings().changed(&key);
         let recorded = {
             let key = key.clone();
-            self.log(move |j| j.record(&key, change, store_has, due))
+            self.update_change_log(move |j| j.record(&key, change, store_has, due))
                 .await
         };
         self.listings().changed(&key);

@@ -61,7 +61,7 @@ pub(super) struct Routes {
 
 /// What an open asks for, as far as the route goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Open {
+pub(super) enum OpenIntent {
     Reads,
     /// Writes to a file it did not create or truncate.
     Writes,
@@ -77,7 +77,7 @@ const SETTLE_ATTEMPTS: usize = 4;
 
 /// Whether a look at the cache file takes it as changed regardless of what it shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Look {
+pub(super) enum DirectWriteCheck {
     /// Changed only if its size or modification time moved.
     Compare,
     /// Changed (an fsync: the upload it waits for must read the file after this).
@@ -104,9 +104,9 @@ impl Filesystem {
         &self,
         fh: u64,
         data: &FileData,
-        open: Open,
+        open: OpenIntent,
     ) -> FsResult<Option<Arc<File>>> {
-        let mut content = Self::lock_for_change(data, open != Open::Reads).await;
+        let mut content = Self::lock_for_change(data, open != OpenIntent::Reads).await;
         let size = data.size.load(Ordering::Acquire);
         let direct = if content.routes().direct > 0 {
             true
@@ -116,12 +116,12 @@ impl Filesystem {
             let whole = content.partial().is_none() && content.present().contains(0..size);
             whole
                 && match open {
-                    Open::Reads => true,
-                    Open::Writes => false,
-                    Open::WritesAfresh => self.room_to_write_directly(),
+                    OpenIntent::Reads => true,
+                    OpenIntent::Writes => false,
+                    OpenIntent::WritesAfresh => self.room_to_write_directly(),
                 }
         };
-        let writes = open != Open::Reads;
+        let writes = open != OpenIntent::Reads;
         let route = match (direct, writes) {
             (false, _) => Route::Mount,
             (true, false) => Route::DirectReads,
@@ -189,8 +189,12 @@ impl Filesystem {
         }
     }
 
-    /// Takes in what direct writers did to `data`'s cache file, as of now (see [`Look`]).
-    pub(super) async fn note_direct_writes(&self, data: &FileData, look: Look) -> FsResult<()> {
+    /// Takes in what direct writers did to `data`'s cache file, as of now (see [`DirectWriteCheck`]).
+    pub(super) async fn note_direct_writes(
+        &self,
+        data: &FileData,
+        look: DirectWriteCheck,
+    ) -> FsResult<()> {
         if data.direct_writers.load(Ordering::Acquire) == 0 {
             return Ok(());
         }
@@ -216,7 +220,10 @@ impl Filesystem {
             .filter(|data| data.direct_writers.load(Ordering::Acquire) > 0)
             .cloned();
         match written {
-            Some(data) => self.note_direct_writes(&data, Look::Compare).await,
+            Some(data) => {
+                self.note_direct_writes(&data, DirectWriteCheck::Compare)
+                    .await
+            }
             None => Ok(()),
         }
     }
@@ -227,7 +234,7 @@ impl Filesystem {
         &self,
         data: &FileData,
         content: &mut FileContents,
-        look: Look,
+        look: DirectWriteCheck,
     ) -> FsResult<Option<SystemTime>> {
         if data.direct_writers.load(Ordering::Acquire) == 0 {
             return Ok(None);
@@ -237,9 +244,9 @@ impl Filesystem {
         let seen = (meta.len(), meta.modified()?);
         let moved = content.routes().seen != Some(seen);
         let changed = match look {
-            Look::Compare => moved,
-            Look::Changed => true,
-            Look::Release => moved || content.routes().read_while_written,
+            DirectWriteCheck::Compare => moved,
+            DirectWriteCheck::Changed => true,
+            DirectWriteCheck::Release => moved || content.routes().read_while_written,
         };
         content.routes_mut().seen = Some(seen);
         if !changed {
@@ -255,7 +262,7 @@ impl Filesystem {
     /// first so that it reads the file's current length.
     pub(super) fn upload_reads(&self, data: &FileData, content: &mut FileContents) -> FsResult<()> {
         if data.direct_writers.load(Ordering::Acquire) > 0 {
-            self.note_direct_writes_locked(data, content, Look::Compare)?;
+            self.note_direct_writes_locked(data, content, DirectWriteCheck::Compare)?;
             content.routes_mut().read_while_written = true;
         }
         Ok(())

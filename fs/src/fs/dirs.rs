@@ -48,7 +48,7 @@ impl Filesystem {
                     (!listings.is_too_big(&prefix), listings.generation())
                 };
                 let pending_below: Vec<(String, Option<Kind>)> = self
-                    .journal()
+                    .change_log()
                     .below(&prefix)
                     .filter(|e| flat || !e.key[prefix.len()..].contains('/'))
                     .map(|e| (e.key.clone(), e.change.outcome().map(|(kind, _)| kind)))
@@ -187,7 +187,7 @@ impl Filesystem {
 
     /// The pending changes of a directory's entries: a name and what it becomes (None: gone).
     pub(super) fn pending_children(&self, prefix: &str) -> Vec<(String, Option<Kind>)> {
-        self.journal()
+        self.change_log()
             .children(prefix)
             .map(|e| {
                 (

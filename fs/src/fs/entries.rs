@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime};
 
-use super::direct::Open;
+use super::direct::OpenIntent;
 use super::names::{check_name, check_new_name};
 use super::reply::{Attr, Opened};
 use super::{Filesystem, blocking};
@@ -73,7 +73,7 @@ impl Filesystem {
         change: Change,
     ) -> FsResult<u64> {
         let ino = self.ns().upsert(parent, name, attrs, size, None);
-        if let Err(err) = self.record(key, change, false, true).await {
+        if let Err(err) = self.log_change(key, change, false, true).await {
             self.ns().detach(ino);
             return Err(err);
         }
@@ -143,13 +143,13 @@ impl Filesystem {
             cache_file,
             attrs: attrs.into(),
         };
-        if let Err(err) = self.record(&key, change, false, true).await {
+        if let Err(err) = self.log_change(&key, change, false, true).await {
             self.ns().detach(ino);
             return Err(err);
         }
         self.count_lookup(ino);
         let fh = self.new_handle(ino);
-        let direct = match self.choose_route(fh, &data, Open::WritesAfresh).await {
+        let direct = match self.choose_route(fh, &data, OpenIntent::WritesAfresh).await {
             Ok(direct) => direct,
             Err(err) => {
                 self.release(fh).await.ok();
@@ -197,7 +197,8 @@ impl Filesystem {
         }
         {
             let _naming = self.naming.write().await;
-            self.record(&key, Change::Delete, in_store, false).await?;
+            self.log_change(&key, Change::Delete, in_store, false)
+                .await?;
             // Gone, as this mount knows: a new file of this name needs no probe within the TTL.
             let mut ns = self.ns();
             ns.detach(ino);
@@ -258,7 +259,7 @@ impl Filesystem {
         if !empty {
             return Err(FsError::NotEmpty);
         }
-        self.record(&key, Change::DeleteDir, in_store, false)
+        self.log_change(&key, Change::DeleteDir, in_store, false)
             .await?;
         let mut ns = self.ns();
         ns.detach(ino);

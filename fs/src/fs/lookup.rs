@@ -16,7 +16,7 @@ use crate::store::{ListOptions, ObjectInfo, StoreExt};
 
 /// What a probe of the store found at a name.
 #[derive(Debug)]
-pub(super) enum Found {
+pub(super) enum StoreEntry {
     Object(ObjectInfo),
     Dir(Option<ObjectInfo>),
 }
@@ -66,12 +66,14 @@ impl Filesystem {
         &self,
         key: &str,
         listed_as: Option<Kind>,
-    ) -> FsResult<Option<Found>> {
+    ) -> FsResult<Option<StoreEntry>> {
         let marker = format!("{key}/");
         // A listing just showed what the name is: one request for its attributes will do.
         match listed_as {
-            Some(Kind::Dir) => return Ok(Some(Found::Dir(self.store.head_opt(&marker).await?))),
-            Some(_) => return Ok(self.store.head_opt(key).await?.map(Found::Object)),
+            Some(Kind::Dir) => {
+                return Ok(Some(StoreEntry::Dir(self.store.head_opt(&marker).await?)));
+            }
+            Some(_) => return Ok(self.store.head_opt(key).await?.map(StoreEntry::Object)),
             None => {}
         }
         let one = ListOptions {
@@ -87,13 +89,19 @@ impl Filesystem {
         let listed = listed?;
         let marker_info = marker_info?;
         if marker_info.is_some() || !listed.objects.is_empty() || !listed.prefixes.is_empty() {
-            return Ok(Some(Found::Dir(marker_info)));
+            return Ok(Some(StoreEntry::Dir(marker_info)));
         }
-        Ok(object?.map(Found::Object))
+        Ok(object?.map(StoreEntry::Object))
     }
 
     /// Records what a probe found under `parent`/`name` and returns the inode number.
-    pub(super) fn install(&self, ns: &mut Namespace, parent: u64, name: &str, found: Found) -> u64 {
+    pub(super) fn install(
+        &self,
+        ns: &mut Namespace,
+        parent: u64,
+        name: &str,
+        found: StoreEntry,
+    ) -> u64 {
         if let Some(ino) = ns.child(parent, name) {
             let inode = ns.get_mut(ino).expect("a child is a live inode");
             if inode.file.is_some() {
@@ -104,7 +112,7 @@ impl Filesystem {
         }
         let defaults = &self.config.defaults;
         match found {
-            Found::Object(info) => {
+            StoreEntry::Object(info) => {
                 let attrs = Attrs::decode(&info.metadata, Kind::File, info.last_modified, defaults);
                 let remote = Remote {
                     etag: info.etag,
@@ -118,7 +126,7 @@ impl Filesystem {
                 }
                 ino
             }
-            Found::Dir(marker) => {
+            StoreEntry::Dir(marker) => {
                 let (attrs, remote) = match marker {
                     Some(info) => (
                         Attrs::decode(&info.metadata, Kind::Dir, info.last_modified, defaults),
@@ -184,7 +192,7 @@ impl Filesystem {
                 }
                 known_object =
                     (inode.kind() != Kind::Dir && inode.remote.is_some()).then(|| inode.kind());
-            } else if self.journal().latest(&key).is_none() {
+            } else if self.change_log().latest(&key).is_none() {
                 // A directory listed within the TTL: a name it did not hold is absent, one it
                 // held needs no listing again to tell a file from a directory.
                 let listing = ns
@@ -201,12 +209,12 @@ impl Filesystem {
         };
         loop {
             let latest = self
-                .journal()
+                .change_log()
                 .latest(&key)
                 .map(|e| (e.seq, e.change.clone()));
             let (seq, pending) = latest.map_or((None, None), |(s, c)| (Some(s), Some(c)));
             // Whether the change log moved on while this resolve waited on I/O.
-            let moved_on = || self.journal().latest(&key).map(|e| e.seq) != seq;
+            let moved_on = || self.change_log().latest(&key).map(|e| e.seq) != seq;
             match &pending {
                 Some(Change::Delete | Change::DeleteDir) => {
                     let mut ns = self.ns();

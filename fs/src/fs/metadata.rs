@@ -109,7 +109,7 @@ impl Filesystem {
         let stored = StoredAttrs::from(attrs);
         let update_key = key.clone();
         if self
-            .log(move |j| j.update_attrs(&update_key, stored))
+            .update_change_log(move |j| j.update_attrs(&update_key, stored))
             .await?
             || dirty
         {
@@ -119,7 +119,7 @@ impl Filesystem {
             kind: kind.into(),
             attrs: stored,
         };
-        self.record(&key, change, in_store, true).await?;
+        self.log_change(&key, change, in_store, true).await?;
         Ok(())
     }
 
@@ -136,7 +136,7 @@ impl Filesystem {
             ns.key(ino).ok_or(FsError::NotFound)?
         };
         if let Some(Change::PutSymlink { target, .. }) =
-            self.journal().latest(&key).map(|e| &e.change)
+            self.change_log().latest(&key).map(|e| &e.change)
         {
             return Ok(target.clone());
         }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::direct::{Look, Open, Route};
+use super::direct::{DirectWriteCheck, OpenIntent, Route};
 use super::reply::Opened;
 use super::{Filesystem, blocking};
 use crate::error::FsResult;
@@ -34,9 +34,9 @@ impl Filesystem {
             Ok(())
         };
         let open = match (writes, truncates) {
-            (false, _) => Open::Reads,
-            (true, false) => Open::Writes,
-            (true, true) => Open::WritesAfresh,
+            (false, _) => OpenIntent::Reads,
+            (true, false) => OpenIntent::Writes,
+            (true, true) => OpenIntent::WritesAfresh,
         };
         let routed = match truncated {
             Ok(()) => self.choose_route(fh, &data, open).await,
@@ -65,7 +65,8 @@ impl Filesystem {
         let Some(data) = self.ns().get(ino).and_then(|i| i.file.clone()) else {
             return Ok(());
         };
-        self.note_direct_writes(&data, Look::Compare).await?;
+        self.note_direct_writes(&data, DirectWriteCheck::Compare)
+            .await?;
         self.queue_upload(&data, true).await?;
         Ok(())
     }
@@ -77,17 +78,18 @@ impl Filesystem {
         let Some(data) = self.ns().get(ino).and_then(|i| i.file.clone()) else {
             return Ok(());
         };
-        self.note_direct_writes(&data, Look::Changed).await?;
+        self.note_direct_writes(&data, DirectWriteCheck::Changed)
+            .await?;
         if self.config.fsync_local {
             self.queue_upload(&data, true).await?;
             let file = Arc::clone(data.content.lock().await.file());
             blocking(move || Ok(file.sync_all()?)).await?;
-            return self.log(|j| j.sync()).await;
+            return self.update_change_log(|j| j.sync()).await;
         }
         match self.queue_upload(&data, false).await? {
             Some(seq) => {
                 // Changes made before it wait for the fsync too: none waits out its delay.
-                self.log(move |j| j.hurry_up_to(seq)).await?;
+                self.update_change_log(move |j| j.hurry_up_to(seq)).await?;
                 self.wait_applied(seq).await
             }
             None => Ok(()),
@@ -100,7 +102,10 @@ impl Filesystem {
         let data = self.ns().get(ino).and_then(|i| i.file.clone());
         if let Some(data) = data {
             let noted = match route {
-                Route::DirectWrites => self.note_direct_writes(&data, Look::Release).await,
+                Route::DirectWrites => {
+                    self.note_direct_writes(&data, DirectWriteCheck::Release)
+                        .await
+                }
                 _ => Ok(()),
             };
             let queued = self.queue_upload(&data, true).await;
@@ -161,7 +166,7 @@ mod tests {
             let releasing = closed_then_released_later(&fs, &name, round).await;
             fs.unlink(ROOT, name.as_ref()).await.unwrap();
             releasing.await.unwrap();
-            let pending = fs.journal().latest(&name).map(|e| e.change.clone());
+            let pending = fs.change_log().latest(&name).map(|e| e.change.clone());
             assert!(
                 pending.is_none(),
                 "round {round}: {name} was removed, yet the change log holds {pending:?}"
@@ -188,7 +193,7 @@ mod tests {
                 .unwrap();
             releasing.await.unwrap();
             fs.unlink(ROOT, target.as_ref()).await.unwrap();
-            let pending = fs.journal().latest(&target).map(|e| e.change.clone());
+            let pending = fs.change_log().latest(&target).map(|e| e.change.clone());
             assert_eq!(
                 pending,
                 Some(Change::Delete),

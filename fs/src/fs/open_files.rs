@@ -35,7 +35,7 @@ impl Filesystem {
                 return Ok(Arc::clone(data));
             }
             let key = ns.key(ino).unwrap_or_default();
-            let pending_file = match self.journal().latest(&key).map(|e| &e.change) {
+            let pending_file = match self.change_log().latest(&key).map(|e| &e.change) {
                 Some(Change::PutFile { cache_file, .. }) => Some(cache_file.clone()),
                 _ => None,
             };
@@ -141,12 +141,12 @@ impl Filesystem {
 
     /// Whether a pending change will upload cache file `name`.
     pub(super) fn uploads_cache_file(&self, name: &str) -> bool {
-        self.journal().uploads_cache_file(name)
+        self.change_log().uploads_cache_file(name)
     }
 
     /// Cache files that pending changes will upload.
     pub(super) fn referenced_cache_files(&self) -> std::collections::HashSet<String> {
-        self.journal()
+        self.change_log()
             .entries()
             .filter_map(|e| match &e.change {
                 Change::PutFile { cache_file, .. } => Some(cache_file.clone()),

@@ -67,7 +67,7 @@ impl Filesystem {
     /// The key to read a file's store version from: its own, or while a rename is pending, the
     /// key it was copied from.
     pub(super) fn fetch_key(&self, key: &str) -> String {
-        match self.journal().latest(key).map(|e| &e.change) {
+        match self.change_log().latest(key).map(|e| &e.change) {
             Some(Change::Copy { from, .. }) => from.clone(),
             _ => key.to_string(),
         }
@@ -163,7 +163,9 @@ impl Filesystem {
                 etag.clone(),
                 content.present().clone(),
             );
-            if let Err(err) = blocking(move || cache.record(&key, &name, &etag, &present)).await {
+            if let Err(err) =
+                blocking(move || cache.index_version(&key, &name, &etag, &present)).await
+            {
                 // The bytes are cached all the same; the index forgets them (a full disk).
                 tracing::warn!(
                     "could not record what is cached of {}: {err}",
@@ -198,7 +200,7 @@ impl Filesystem {
             Some(data) => data,
             None => {
                 let pending = matches!(
-                    self.journal().latest(key).map(|e| &e.change),
+                    self.change_log().latest(key).map(|e| &e.change),
                     Some(Change::PutFile { .. })
                 );
                 if !pending {

@@ -168,7 +168,8 @@ impl Filesystem {
                 // The last of a run of fetches tells the index what is cached now.
                 let (name, present) = (content.cache_name().to_string(), content.present().clone());
                 let (key, etag) = (target.key, target.etag);
-                if let Err(err) = blocking(move || cache.record(&key, &name, &etag, &present)).await
+                if let Err(err) =
+                    blocking(move || cache.index_version(&key, &name, &etag, &present)).await
                 {
                     tracing::warn!(
                         "could not record what is cached of {}: {err}",

@@ -93,7 +93,7 @@ impl Filesystem {
             // a copy of the stored version would miss.
             let recorded_meanwhile = matches!(moved, Change::Copy { .. })
                 && matches!(
-                    self.journal().latest(&source_key).map(|e| &e.change),
+                    self.change_log().latest(&source_key).map(|e| &e.change),
                     Some(Change::PutFile { .. })
                 );
             if !recorded_meanwhile {
@@ -114,7 +114,7 @@ impl Filesystem {
             self.listings().changed(key);
         }
         let recorded = self
-            .log(move |j| {
+            .update_change_log(move |j| {
                 if matches!(moved, Change::Copy { .. }) {
                     // The copy must come before the delete of its source: take the source's
                     // waiting change (its attributes are in the copy) out of the way.
@@ -150,7 +150,7 @@ impl Filesystem {
             )
         };
         let stored = StoredAttrs::from(attrs);
-        let pending = self.journal().latest(key).map(|e| e.change.clone());
+        let pending = self.change_log().latest(key).map(|e| e.change.clone());
         match pending {
             Some(Change::PutFile { cache_file, .. }) => {
                 return Ok(Change::PutFile {
@@ -216,10 +216,10 @@ impl Filesystem {
     /// Waits until the pending changes of `key` are in the store (at most a minute).
     pub(super) async fn wait_until_stored(&self, key: &str) -> FsResult<()> {
         let name = key.to_string();
-        self.log(move |j| j.hurry(&name)).await?;
+        self.update_change_log(move |j| j.hurry(&name)).await?;
         self.wake.notify_one();
         let deadline = Instant::now() + Duration::from_secs(60);
-        while self.journal().latest(key).is_some() {
+        while self.change_log().latest(key).is_some() {
             if Instant::now() > deadline {
                 return Err(FsError::Store(crate::store::StoreError::new(
                     ErrorKind::Unavailable,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::cache::Evictable;
 use crate::error::FsResult;
 use crate::fs::contents::FileData;
-use crate::fs::direct::Look;
+use crate::fs::direct::DirectWriteCheck;
 use crate::fs::{Filesystem, blocking};
 
 /// The longest the uploader trusts an unchanged cache disk to mean an unchanged cache.
@@ -51,7 +51,7 @@ impl Filesystem {
     pub(super) async fn wait_for_room(&self) {
         loop {
             let full = self.upkeep.dirty_bytes() > self.config.cache_size;
-            if !full || self.journal().is_empty() {
+            if !full || self.change_log().is_empty() {
                 return;
             }
             let notified = self.progress.notified();
@@ -88,7 +88,8 @@ impl Filesystem {
             registry.values().filter_map(|w| w.upgrade()).collect()
         };
         for data in aged {
-            self.note_direct_writes(&data, Look::Compare).await?;
+            self.note_direct_writes(&data, DirectWriteCheck::Compare)
+                .await?;
             let old = data
                 .content
                 .lock()
@@ -151,14 +152,14 @@ impl Filesystem {
             if blocking(move || Ok(cache.room_for(bytes))).await? {
                 return Ok(true);
             }
-            if self.journal().is_empty()
+            if self.change_log().is_empty()
                 || self.uploads.status().failing
                 || Instant::now() >= deadline
             {
                 return Ok(false);
             }
             // What waits out its write-back delay is due now: its upload frees the room.
-            let _ = self.log(|j| j.hurry_all()).await;
+            let _ = self.update_change_log(|j| j.hurry_all()).await;
             let notified = self.progress.notified();
             tokio::select! {
                 _ = notified => {}

@@ -191,19 +191,19 @@ impl Filesystem {
                 inode.remote.is_some(),
             )
         };
-        let recorded = content.queued() && self.journal().latest(&key).is_some();
+        let recorded = content.queued() && self.change_log().latest(&key).is_some();
         if !content.dirty() || recorded {
             if delayed {
-                return Ok(self.journal().latest(&key).map(|e| e.seq));
+                return Ok(self.change_log().latest(&key).map(|e| e.seq));
             }
             let hurried = key.clone();
-            return self.log(move |j| j.hurry(&hurried)).await;
+            return self.update_change_log(move |j| j.hurry(&hurried)).await;
         }
         let change = Change::PutFile {
             cache_file: content.cache_name().to_string(),
             attrs: attrs.into(),
         };
-        let seq = self.record(&key, change, in_store, delayed).await?;
+        let seq = self.log_change(&key, change, in_store, delayed).await?;
         content.queued_for_upload();
         Ok(seq)
     }

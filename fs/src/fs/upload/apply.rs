@@ -15,7 +15,7 @@ impl Filesystem {
     pub(super) async fn apply(&self, entry: &Entry) -> FsResult<Applied> {
         let key = entry.key.as_str();
         let seq = entry.seq;
-        self.log(move |j| j.mark_started(seq)).await?;
+        self.update_change_log(move |j| j.mark_started(seq)).await?;
         match &entry.change {
             Change::PutFile { cache_file, attrs } => {
                 let (cache, name) = (self.cache.clone(), cache_file.clone());
@@ -37,7 +37,7 @@ impl Filesystem {
                     partial,
                 }) = snapshot
                 else {
-                    return Ok(Applied::Moot(format!("the cache file of {key} is gone")));
+                    return Ok(Applied::Dropped(format!("the cache file of {key} is gone")));
                 };
                 let put = self
                     .put_file(key, file, size, (*attrs).into(), partial.as_ref())
@@ -100,7 +100,7 @@ impl Filesystem {
                             stored: Some((Kind::File, put.etag, *size)),
                         })
                     }
-                    Err(err) if err.kind() == ErrorKind::NotFound => Ok(Applied::Moot(format!(
+                    Err(err) if err.kind() == ErrorKind::NotFound => Ok(Applied::Dropped(format!(
                         "{from}, renamed to {key}, is gone from the store"
                     ))),
                     Err(err) => Err(err.into()),
@@ -129,7 +129,7 @@ impl Filesystem {
                         stored: None,
                     }),
                     Err(err) if err.kind() == ErrorKind::NotFound => {
-                        Ok(Applied::Moot(format!("{key} is gone from the store")))
+                        Ok(Applied::Dropped(format!("{key} is gone from the store")))
                     }
                     Err(err) => Err(err.into()),
                 }

@@ -68,7 +68,7 @@ pub(super) enum Applied {
         stored: Option<(Kind, ETag, u64)>,
     },
     /// Nothing to apply any more (its file or source is gone); said why.
-    Moot(String),
+    Dropped(String),
 }
 
 /// The uploader's own state: how it is doing, its failed attempts, and whether (and until when)
@@ -150,7 +150,7 @@ impl Filesystem {
             let (mut batch, mut deletes) = (Vec::new(), Vec::new());
             if room > 0 && paused_until.is_none() && self.uploads.may_upload() {
                 let now = SystemTime::now();
-                let mut journal = self.journal();
+                let mut journal = self.change_log();
                 // Deletes due together go in one request (an `rm -r` records hundreds at once).
                 let most = if failing { 1 } else { DELETE_BATCH };
                 deletes = journal.take_runnable_deletes(now, most);
@@ -179,7 +179,7 @@ impl Filesystem {
                 }
             }
             let until_due = self
-                .journal()
+                .change_log()
                 .next_due()
                 .and_then(|due| due.duration_since(SystemTime::now()).ok())
                 .unwrap_or(Duration::from_secs(1));
@@ -243,7 +243,7 @@ impl Filesystem {
     /// What is not yet in the store (changed bytes as of the uploader's last count, at most a
     /// second ago).
     pub fn pending(&self) -> Pending {
-        let journal = self.journal();
+        let journal = self.change_log();
         Pending {
             changes: journal.len(),
             bytes: self.upkeep.dirty_bytes(),

@@ -115,7 +115,7 @@ impl Filesystem {
             Ok((file, size))
         });
         let Ok((file, size)) = opened.await else {
-            return Ok(Applied::Moot(format!(
+            return Ok(Applied::Dropped(format!(
                 "the cache file of {} is gone",
                 entry.key
             )));

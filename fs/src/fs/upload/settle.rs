@@ -46,10 +46,10 @@ impl Filesystem {
         let seq = entry.seq;
         match outcome {
             Ok(applied) => {
-                if let Applied::Moot(why) = &applied {
+                if let Applied::Dropped(why) = &applied {
                     tracing::warn!("dropping a change of {}: {why}", entry.key);
                 }
-                if let Err(err) = self.log(move |j| j.remove_row(seq)).await {
+                if let Err(err) = self.update_change_log(move |j| j.remove_row(seq)).await {
                     tracing::error!("could not remove an applied change from the log: {err}");
                 }
                 {
@@ -57,7 +57,7 @@ impl Filesystem {
                     // anyone reading both sees the change pending or the store's new version.
                     let mut ns = self.ns();
                     let superseded = {
-                        let mut journal = self.journal();
+                        let mut journal = self.change_log();
                         journal.forget(seq);
                         // A newer version of the key waits: the inode there now is that one
                         // (a file renamed over it, say), not the one this change stored.
@@ -123,18 +123,19 @@ impl Filesystem {
                 // A newer put or delete of the same key covers a change that failed: drop it
                 // (and its cache file, if nothing else needs it) instead of retrying.
                 let covered = self
-                    .journal()
+                    .change_log()
                     .latest(&entry.key)
                     .is_some_and(|newer| newer.seq != seq && newer.change.replaces_object());
                 if covered {
-                    if let Err(err) = self.log(move |j| j.remove(seq)).await {
+                    if let Err(err) = self.update_change_log(move |j| j.remove(seq)).await {
                         tracing::error!("could not drop a covered change from the log: {err}");
                     }
                     if let Change::PutFile { cache_file, .. } = &entry.change {
                         self.discard_if_unneeded(cache_file).await;
                     }
                 } else {
-                    self.journal().retry_later(seq, SystemTime::now() + backoff);
+                    self.change_log()
+                        .retry_later(seq, SystemTime::now() + backoff);
                 }
             }
         }
@@ -172,7 +173,7 @@ impl Filesystem {
         // index must not take it under a name that has moved on meanwhile.
         let naming = self.naming.read().await;
         let later = self
-            .journal()
+            .change_log()
             .latest(&entry.key)
             .is_some_and(|e| e.seq != entry.seq);
         let mut clean = holder.is_none() && !later;
@@ -219,7 +220,7 @@ impl Filesystem {
                 cache_file.to_string(),
                 etag,
             );
-            blocking(move || cache.record(&key, &file, &etag, &present)).await?;
+            blocking(move || cache.index_version(&key, &file, &etag, &present)).await?;
         }
         drop((naming, held));
         if let Some((data, _)) = holder {
@@ -244,7 +245,7 @@ impl Filesystem {
                     key.to_string(),
                     content.cache_name().to_string(),
                 );
-                blocking(move || cache.record(&key, &file, &etag, &present)).await?;
+                blocking(move || cache.index_version(&key, &file, &etag, &present)).await?;
             }
             return Ok(());
         }
@@ -254,7 +255,7 @@ impl Filesystem {
             if let Some(cached) = cache.lookup(&key)?
                 && cached.etag == old
             {
-                cache.record(&key, &cached.file, &etag, &cached.present)?;
+                cache.index_version(&key, &cached.file, &etag, &cached.present)?;
             }
             Ok(())
         })

@@ -15,7 +15,7 @@ impl Filesystem {
             let notified = self.progress.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if !self.journal().pending_up_to(seq) {
+            if !self.change_log().pending_up_to(seq) {
                 return Ok(());
             }
             if let Some(why) = self.fenced() {
@@ -39,7 +39,7 @@ impl Filesystem {
                 self.queue_upload(&data, false).await?;
             }
         }
-        if let Err(err) = self.log(|j| j.hurry_all()).await {
+        if let Err(err) = self.update_change_log(|j| j.hurry_all()).await {
             // A full cache disk: the changes still go, after their write-back delay.
             tracing::warn!("could not make every change due now: {err}");
         }
@@ -48,7 +48,7 @@ impl Filesystem {
             let notified = self.progress.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let left = self.journal().len();
+            let left = self.change_log().len();
             if left == 0 {
                 return Ok(());
             }
