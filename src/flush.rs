@@ -2,13 +2,13 @@
 //! mountpoint of VOLUME) to upload everything now and waits until the store holds it, with a
 //! progress bar on a terminal and plain lines otherwise.
 
-use std::io::{BufRead, BufReader, IsTerminal, Write};
-use std::os::unix::net::UnixStream;
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use cairn_fs::control::socket_path;
+use cairn_fs::control::FlushUpdate;
+use cairn_fs::control::client::{self, FlushError};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Debug, clap::Args)]
@@ -42,7 +42,7 @@ pub fn run(mut args: FlushArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
             }
         }
     }
-    match flush(&args) {
+    match runtime.block_on(flush(&args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("error: {message}");
@@ -96,63 +96,46 @@ impl Progress {
     }
 }
 
-fn flush(args: &FlushArgs) -> Result<(), String> {
-    let path = socket_path(&args.mountpoint);
-    let mut stream = UnixStream::connect(&path).map_err(|e| {
-        format!(
-            "no cairn mount answers for {} ({}: {e}): is it mounted with `cairn mount`?",
-            args.mountpoint.display(),
-            path.display()
-        )
-    })?;
-    stream.write_all(b"flush\n").map_err(|e| e.to_string())?;
-    let deadline = args
-        .timeout
-        .map(|t| Instant::now() + Duration::from_secs_f64(t.max(0.0)));
-    if let Some(deadline) = deadline {
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
-        stream
-            .set_read_timeout(Some(left))
-            .map_err(|e| e.to_string())?;
-    }
+async fn flush(args: &FlushArgs) -> Result<(), String> {
     let mut progress = Progress::new();
     let mut pending = (0, 0);
-    for line in BufReader::new(stream).lines() {
-        let line = line.map_err(|e| match e.kind() {
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
-                "timed out with {} changes ({} bytes) not yet in the store",
-                pending.0, pending.1
-            ),
-            _ => format!("lost the mount process: {e}"),
-        })?;
-        let mut words = line.splitn(3, ' ');
-        match (words.next(), words.next(), words.next()) {
-            (Some("pending"), Some(changes), Some(bytes)) => {
-                pending = (changes.parse().unwrap_or(0), bytes.parse().unwrap_or(0));
-                progress.pending(pending.0, pending.1);
-            }
-            (Some("error"), Some("permanent"), Some(message)) => {
-                progress.finish();
-                return Err(format!(
-                    "{message}\nthe changes stay in the local cache; fix the cause and run cairn flush again"
-                ));
-            }
-            (Some("error"), Some(_), Some(message)) => {
-                progress.say(&format!("warning: {message} (retrying)"))
-            }
-            (Some("done"), _, _) => {
-                progress.finish();
-                println!(
-                    "flushed: the store holds everything written to {}",
-                    args.mountpoint.display()
-                );
-                return Ok(());
-            }
-            _ => {}
+    let flushed = client::flush(&args.mountpoint, |update| match update {
+        FlushUpdate::Pending { changes, bytes } => {
+            pending = (*changes, *bytes);
+            progress.pending(*changes, *bytes);
         }
-    }
+        FlushUpdate::Error {
+            permanent: false,
+            message,
+        } => progress.say(&format!("warning: {message} (retrying)")),
+        FlushUpdate::Error { .. } | FlushUpdate::Done => {}
+    });
+    let flushed = match args.timeout {
+        Some(seconds) => {
+            let limit = Duration::from_secs_f64(seconds.max(0.0));
+            tokio::time::timeout(limit, flushed).await.ok()
+        }
+        None => Some(flushed.await),
+    };
     progress.finish();
-    Err("the mount process closed the connection before the flush finished".into())
+    match flushed {
+        Some(Ok(())) => {
+            println!(
+                "flushed: the store holds everything written to {}",
+                args.mountpoint.display()
+            );
+            Ok(())
+        }
+        Some(Err(err @ FlushError::Unreachable { .. })) => {
+            Err(format!("{err}: is it mounted with `cairn mount`?"))
+        }
+        Some(Err(FlushError::Failed(message))) => Err(format!(
+            "{message}\nthe changes stay in the local cache; fix the cause and run cairn flush again"
+        )),
+        Some(Err(err)) => Err(err.to_string()),
+        None => Err(format!(
+            "timed out with {} changes ({} bytes) not yet in the store",
+            pending.0, pending.1
+        )),
+    }
 }

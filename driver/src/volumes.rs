@@ -10,10 +10,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use cairn_fs::control::Request;
+use cairn_fs::control::client::ask;
 use cairn_fs::metrics::MetricsSnapshot;
 use cairn_fs::store::{ErrorKind, SharedStore, StoreError, StoreExt, StoreSpec, open_store};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::config::{Config, EMBEDDED_STORE};
 use crate::names::{MountId, VolumeName};
@@ -687,7 +688,7 @@ impl Driver {
         status.insert("mounted".into(), json!(serving.is_some()));
         if let Some(process) = serving {
             status.insert("pid".into(), json!(process.pid));
-            if let Some(Value::Object(uploads)) = ask_mount(&process.mountpoint, "status").await {
+            if let Some(Value::Object(uploads)) = ask(&process.mountpoint, Request::Status).await {
                 status.extend(uploads);
             }
         }
@@ -749,8 +750,8 @@ impl Driver {
             if !process.is_serving() {
                 continue;
             }
-            let status = ask_mount(&process.mountpoint, "status").await;
-            let counters = ask_mount(&process.mountpoint, "metrics")
+            let status = ask(&process.mountpoint, Request::Status).await;
+            let counters = ask(&process.mountpoint, Request::Metrics)
                 .await
                 .and_then(|value| serde_json::from_value(value).ok());
             let Ok(name) = VolumeName::parse(&record.name) else {
@@ -911,31 +912,14 @@ fn snapshot_name(text: &str) -> Result<VolumeName, DriverError> {
         .map_err(|why| DriverError::Invalid(why.replace("volume name", "snapshot name")))
 }
 
-/// Asks the mount process on `mountpoint` to upload everything, and waits until it has.
+/// Asks the mount process on `mountpoint` to upload everything, and waits until it has (at
+/// most ten minutes).
 async fn flush_mount(mountpoint: &Path) -> Result<(), String> {
-    let path = cairn_fs::control::socket_path(mountpoint);
-    let flush = async {
-        let mut stream = tokio::net::UnixStream::connect(&path)
-            .await
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        stream
-            .write_all(b"flush\n")
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut lines = BufReader::new(stream).lines();
-        while let Some(line) = lines.next_line().await.map_err(|e| e.to_string())? {
-            if line == "done" {
-                return Ok(());
-            }
-            if let Some(why) = line.strip_prefix("error permanent ") {
-                return Err(why.to_string());
-            }
-        }
-        Err("the mount process hung up".to_string())
-    };
-    tokio::time::timeout(Duration::from_secs(600), flush)
-        .await
-        .map_err(|_| "not done after 10 minutes".to_string())?
+    let flushed = cairn_fs::control::client::flush(mountpoint, |_| {});
+    match tokio::time::timeout(Duration::from_secs(600), flushed).await {
+        Ok(flushed) => flushed.map_err(|e| e.to_string()),
+        Err(_) => Err("not done after 10 minutes".into()),
+    }
 }
 
 fn show_options(options: &BTreeMap<String, String>) -> String {
@@ -944,24 +928,4 @@ fn show_options(options: &BTreeMap<String, String>) -> String {
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// The answer of the mount process serving `mountpoint` to a one-line `request` on its control
-/// socket (`status`: the upload figures; `metrics`: its counters).
-async fn ask_mount(mountpoint: &Path, request: &str) -> Option<Value> {
-    let path = cairn_fs::control::socket_path(mountpoint);
-    let ask = async {
-        let mut stream = tokio::net::UnixStream::connect(&path).await.ok()?;
-        stream
-            .write_all(format!("{request}\n").as_bytes())
-            .await
-            .ok()?;
-        let mut line = String::new();
-        BufReader::new(stream).read_line(&mut line).await.ok()?;
-        serde_json::from_str(&line).ok()
-    };
-    tokio::time::timeout(Duration::from_secs(2), ask)
-        .await
-        .ok()
-        .flatten()
 }

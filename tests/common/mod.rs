@@ -154,16 +154,19 @@ impl Volume {
 
     /// What the mount counted so far, asked over its control socket.
     pub fn metrics(&self) -> cairn_fs::metrics::MetricsSnapshot {
-        use std::io::{BufRead, Write};
-        let socket = cairn_fs::control::socket_path(&self.mountpoint);
-        let mut stream = std::os::unix::net::UnixStream::connect(&socket)
-            .unwrap_or_else(|e| panic!("the control socket {} answers: {e}", socket.display()));
-        stream.write_all(b"metrics\n").unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(stream)
-            .read_line(&mut line)
+        use cairn_fs::control::{Request, client};
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
             .unwrap();
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("metrics as JSON: {e}: {line}"))
+        let answer = runtime.block_on(client::ask(&self.mountpoint, Request::Metrics));
+        let answer = answer.unwrap_or_else(|| {
+            panic!(
+                "the control socket of {} answers",
+                self.mountpoint.display()
+            )
+        });
+        serde_json::from_value(answer).unwrap_or_else(|e| panic!("metrics as JSON: {e}"))
     }
 
     /// Runs `cairn flush` on the mount: returns once the store holds every change.

@@ -1,41 +1,15 @@
-//! The control socket of a mount process: `cairn flush MOUNTPOINT` connects to it, asks for a
-//! flush, and reads progress lines until everything is in the store.
-//!
-//! Protocol (one line each way, then lines back): the client sends `flush`; the mount answers
-//! `pending CHANGES BYTES` lines while it works, `error permanent|retrying MESSAGE` when applying
-//! a change fails, and `done` once the store holds everything. Or the client sends `status` and
-//! the mount answers one line of JSON: `pending_changes`, `pending_bytes`,
-//! `oldest_pending_seconds` (how long the oldest waiting change has been due), `uploaded_bytes`,
-//! `upload_rate` (bytes per second over the last ten seconds),
-//! `applied_changes`, `failing`, `permanent` and `last_error` (the plugin daemon shows these in
-//! `docker volume inspect` and `cairn report`). Or `metrics`, answered with one line of JSON: the
-//! mount's [`crate::metrics::MetricsSnapshot`].
+//! The mount's side of the control socket: answers each connection's one request (see the
+//! protocol in [`super`]).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use super::{CONTROL_DIR, FlushUpdate, Request, socket_path};
 use crate::fs::Filesystem;
-
-/// Where control sockets live.
-pub const CONTROL_DIR: &str = "/run/cairn/mounts";
-
-/// The control socket of the mount on `mountpoint` (a short name: socket paths are limited).
-pub fn socket_path(mountpoint: &Path) -> PathBuf {
-    let canonical = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
-    // FNV-1a: stable across builds, unlike the standard hasher.
-    let hash = canonical
-        .as_os_str()
-        .as_encoded_bytes()
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-        });
-    Path::new(CONTROL_DIR).join(format!("{hash:016x}.sock"))
-}
 
 /// Listens on the control socket of `mountpoint` until the returned task is aborted.
 pub fn serve(
@@ -106,7 +80,16 @@ async fn answer(
     let (read, mut write) = stream.into_split();
     let mut request = String::new();
     BufReader::new(read).read_line(&mut request).await?;
-    if request.trim() == "status" {
+    let send = |update: FlushUpdate| format!("{}\n", update.line());
+    let Some(request) = Request::parse(&request) else {
+        let refused = FlushUpdate::Error {
+            permanent: true,
+            message: format!("unknown request {:?}", request.trim()),
+        };
+        write.write_all(send(refused).as_bytes()).await?;
+        return Ok(());
+    };
+    if request == Request::Status {
         let pending = fs.pending_now().await;
         let status = fs.upload_status();
         let oldest = pending
@@ -127,16 +110,10 @@ async fn answer(
         write.write_all(format!("{line}\n").as_bytes()).await?;
         return Ok(());
     }
-    if request.trim() == "metrics" {
+    if request == Request::Metrics {
         let line =
             serde_json::to_string(&fs.metrics().snapshot()).map_err(std::io::Error::other)?;
         write.write_all(format!("{line}\n").as_bytes()).await?;
-        return Ok(());
-    }
-    if request.trim() != "flush" {
-        write
-            .write_all(b"error permanent unknown request\n")
-            .await?;
         return Ok(());
     }
     let draining = {
@@ -146,38 +123,42 @@ async fn answer(
     let mut last_error = None;
     while !draining.is_finished() {
         let pending = fs.pending();
-        write
-            .write_all(format!("pending {} {}\n", pending.changes, pending.bytes).as_bytes())
-            .await?;
+        let update = FlushUpdate::Pending {
+            changes: pending.changes as u64,
+            bytes: pending.bytes,
+        };
+        write.write_all(send(update).as_bytes()).await?;
         let status = fs.upload_status();
         if status.failing
             && let Some((at, message)) = status.last_error
             && last_error != Some(at)
         {
             last_error = Some(at);
-            let kind = if status.permanent {
-                "permanent"
-            } else {
-                "retrying"
+            let update = FlushUpdate::Error {
+                permanent: status.permanent,
+                message,
             };
-            write
-                .write_all(format!("error {kind} {message}\n").as_bytes())
-                .await?;
+            write.write_all(send(update).as_bytes()).await?;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    match draining.await {
-        Ok(Ok(())) => write.write_all(b"pending 0 0\ndone\n").await?,
-        Ok(Err(err)) => {
-            write
-                .write_all(format!("error permanent {err}\n").as_bytes())
-                .await?
+    let last = match draining.await {
+        Ok(Ok(())) => {
+            let none_left = FlushUpdate::Pending {
+                changes: 0,
+                bytes: 0,
+            };
+            send(none_left) + &send(FlushUpdate::Done)
         }
-        Err(err) => {
-            write
-                .write_all(format!("error permanent {err}\n").as_bytes())
-                .await?
-        }
-    }
+        Ok(Err(err)) => send(FlushUpdate::Error {
+            permanent: true,
+            message: err.to_string(),
+        }),
+        Err(err) => send(FlushUpdate::Error {
+            permanent: true,
+            message: err.to_string(),
+        }),
+    };
+    write.write_all(last.as_bytes()).await?;
     Ok(())
 }
