@@ -2,7 +2,8 @@
 //! a shared directory, memory), the types that cross it, and conveniences built on top of it.
 //!
 //! Every backend implements [`Store`]; [`StoreExt`] adds what can be written once over the trait
-//! (whole-object reads, listing every page). [`conformance`] is the suite every backend passes.
+//! (whole-object reads, listing every page). `conformance` is the suite every backend passes, and
+//! `faults` a wrapper that injects failures: test support, built with the `testing` feature only.
 //! Keys are relative to the store's root (bucket + prefix, or directory) and are plain UTF-8
 //! strings of at most [`MAX_KEY_LEN`] bytes; `/` has no meaning to the trait beyond listing with a
 //! delimiter.
@@ -17,8 +18,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 
+#[cfg(any(test, feature = "testing"))]
 pub mod conformance;
 pub mod dir;
+#[cfg(any(test, feature = "testing"))]
 pub mod faults;
 pub mod memory;
 pub mod metered;
