@@ -2,12 +2,10 @@
 //! copied in its store while mounted, and a new volume restored from the copy has the dump byte
 //! for byte, whatever changed after.
 
-mod common;
-
 use std::process::{Command, Output};
 
-use common::daemon::{Daemon, StoreKind};
-use common::succeeded;
+use crate::common::daemon::{Daemon, StoreKind};
+use crate::common::succeeded;
 use serde_json::{Value, json};
 
 fn snapshot(daemon: &Daemon, args: &[&str]) -> Output {

@@ -2,13 +2,11 @@
 //! input, concurrent mounts, a second daemon on the same store, a daemon restart and a crashed
 //! mount process. Real `cairn serve`, real mount processes, real FUSE mounts.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use common::daemon::{Daemon, StoreKind, call};
-use common::is_mounted;
+use crate::common::daemon::{Daemon, StoreKind, call};
+use crate::common::is_mounted;
 use serde_json::{Value, json};
 
 fn body(value: Value) -> String {
@@ -203,7 +201,7 @@ fn a_path_volume_presents_existing_data_and_keeps_it() {
     );
     let write = std::fs::write(mountpoint.join("new.txt"), b"x");
     assert_eq!(
-        common::errno(write),
+        crate::common::errno(write),
         libc::EROFS,
         "access=readonly mounts read-only"
     );

@@ -4,16 +4,14 @@
 //! the data makes clean data give way whatever the cache size, and a disk filled by something
 //! else still reads from the store.
 
-mod common;
-
 use std::fs;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::common::{Direct, Volume, errno};
 use cairn_testkit::faults::{FaultPlan, FaultProxy};
 use cairn_testkit::{Relay, S3Server};
-use common::{Direct, Volume, errno};
 
 /// Bytes the cache's files take on disk.
 fn cache_bytes(cache_dir: &Path) -> u64 {

@@ -3,11 +3,9 @@
 //! The daemon must answer each with JSON (an Err where it refuses), never panic or hang, and
 //! create nothing but volumes with valid names inside its own directories.
 
-mod common;
-
 use std::time::Duration;
 
-use common::daemon::{Daemon, StoreKind, call};
+use crate::common::daemon::{Daemon, StoreKind, call};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 

@@ -2,16 +2,14 @@
 //! durability ladder, objects that are never torn, unmount draining, `cairn flush`, and working
 //! while the S3 server is away.
 
-mod common;
-
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::common::{Volume, is_mounted};
 use cairn_testkit::{Relay, S3Server};
-use common::{Volume, is_mounted};
 
 /// Polls `check` until it holds or `limit` passes; returns how long it took.
 fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) -> Duration {
@@ -203,7 +201,7 @@ fn objects_are_never_torn_while_the_application_keeps_writing() {
     // From here on every version the file has is `size` bytes long.
     file.sync_all().unwrap();
     let writer = std::thread::spawn(move || {
-        common::rewrite_in_versions(&file, size, chunk, Duration::from_secs(8))
+        crate::common::rewrite_in_versions(&file, size, chunk, Duration::from_secs(8))
     });
     let mut seen = std::collections::HashSet::new();
     while !writer.is_finished() {

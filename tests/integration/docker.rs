@@ -6,14 +6,12 @@
 //! process, one per store kind, plus one per kind for the test that restarts its daemon: Docker
 //! remembers every volume driver it has talked to, and `docker volume ls` waits on a dead one.
 
-mod common;
-
 use std::collections::HashMap;
 use std::process::{Command, Output};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::daemon::{Daemon, StoreKind};
+use crate::common::daemon::{Daemon, StoreKind};
 
 /// The test image: busybox and sqlite3 (scripts/test builds it with `docker import`).
 fn image() -> String {
@@ -499,7 +497,7 @@ fn a_container_runs_on_the_managed_plugin() {
     assert_eq!(run("cat /data/note"), "from the managed plugin\n");
     let status = docker_ok(&["volume", "inspect", "--format", "{{json .Status}}", &volume]);
     assert!(status.contains("s3://"), "{status}");
-    let stored = common::Direct::new(&host_spec)
+    let stored = crate::common::Direct::new(&host_spec)
         .get(&format!("{volume}/note"))
         .map(|(_, body)| body);
     assert_eq!(stored.as_deref(), Some(&b"from the managed plugin\n"[..]));

@@ -1,7 +1,7 @@
 //! Shared by the integration tests: `cairn mount` run as a user runs it (the real binary, a real
 //! FUSE mount, a real S3 server over HTTP), and direct access to the store to check what
 //! reached it.
-#![allow(dead_code)] // Each test binary uses its own part of this.
+#![allow(dead_code)] // Helpers some test modules use only with some options.
 
 pub mod daemon;
 

@@ -1,16 +1,14 @@
 //! cairn and its peers on the same S3 server: s3fs and rclone (Debian's packages) read the files,
 //! modes, owners and times that cairn writes, and cairn reads theirs.
 
-mod common;
-
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
+use crate::common::{Volume, is_mounted, require_fuse};
 use cairn_testkit::S3Server;
-use common::{Volume, is_mounted, require_fuse};
 
 const CAIRN_TEST_KEY: &str = "cairntest";
 const CAIRN_TEST_SECRET: &str = "cairntestsecret";

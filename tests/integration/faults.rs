@@ -2,17 +2,15 @@
 //! 500 and 503 SlowDown, cuts connections mid-body, truncates answers, holds requests, or stops
 //! answering. Nothing written may be lost or corrupted, and the mount must keep answering.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
 
+use crate::common::{Direct, Volume};
 use cairn_testkit::S3Server;
 use cairn_testkit::faults::{FaultPlan, FaultProxy};
-use common::{Direct, Volume};
 
 /// Bytes that differ from file to file and version to version.
 fn content(seed: u64, len: usize) -> Vec<u8> {

@@ -4,13 +4,11 @@
 //! holds exactly their keys, and all of it survives a remount with an empty cache. Names that are
 //! not UTF-8 or hold control characters are refused.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 
-use common::{Direct, Volume};
+use crate::common::{Direct, Volume};
 
 const NAMES: &[&str] = &[
     "back\\slash",
@@ -46,12 +44,15 @@ fn check(mut volume: Volume) {
     std::fs::write(volume.path(".m-dir/inside"), b"inside").unwrap();
     // Not UTF-8, or with control characters: refused, and nothing is made.
     let invalid = volume.path("").join(OsStr::from_bytes(b"bad\xffutf8"));
-    assert_eq!(common::errno(std::fs::write(&invalid, b"x")), libc::EINVAL);
+    assert_eq!(
+        crate::common::errno(std::fs::write(&invalid, b"x")),
+        libc::EINVAL
+    );
     for control in ["new\nline", "tab\tname", "bell\u{7}"] {
         let file = std::fs::write(volume.path(control), b"x");
-        assert_eq!(common::errno(file), libc::EINVAL, "{control:?}");
+        assert_eq!(crate::common::errno(file), libc::EINVAL, "{control:?}");
         assert_eq!(
-            common::errno(std::fs::create_dir(volume.path(control))),
+            crate::common::errno(std::fs::create_dir(volume.path(control))),
             libc::EINVAL
         );
     }

@@ -1,11 +1,9 @@
 //! `cairn ls` and `cairn report` against a running daemon, as an operator reads them.
 
-mod common;
-
 use std::process::{Command, Output};
 
-use common::daemon::{Daemon, StoreKind};
-use common::succeeded;
+use crate::common::daemon::{Daemon, StoreKind};
+use crate::common::succeeded;
 use serde_json::{Value, json};
 
 fn cairn(daemon: &Daemon, args: &[&str]) -> Output {

@@ -2,15 +2,13 @@
 //! byte for byte against a local reference file after every read, after reopening, in the
 //! store itself, and after a cold remount.
 
-mod common;
-
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use common::Volume;
+use crate::common::Volume;
 
 const OPERATIONS: usize = 3000;
 const MAX_SIZE: u64 = 3 << 20;

@@ -1,8 +1,6 @@
 //! POSIX operations through a real FUSE mount of `cairn mount` over a real S3 server (moto over
 //! HTTP): each operation, its errors as a program sees them, and what reaches the store.
 
-mod common;
-
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -13,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{Volume, errno};
+use crate::common::{Volume, errno};
 
 fn read(path: &Path) -> Vec<u8> {
     fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))

@@ -3,14 +3,12 @@
 //! the mount still sees sizes, uploads what was written (fsync included) and lets the file be
 //! opened any other way meanwhile.
 
-mod common;
-
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use common::Volume;
+use crate::common::Volume;
 
 /// FUSE write and read requests the mount has answered so far.
 fn requests(volume: &Volume, op: &str) -> u64 {
@@ -117,7 +115,7 @@ fn a_file_written_afresh_and_rewritten_without_pause_is_never_torn_in_the_store(
     let (size, chunk) = (4 << 20, 256 << 10);
     let file = File::create(volume.path("hot")).unwrap();
     let writer = std::thread::spawn(move || {
-        let last = common::rewrite_in_versions(&file, size, chunk, Duration::from_secs(4));
+        let last = crate::common::rewrite_in_versions(&file, size, chunk, Duration::from_secs(4));
         // Still open, the writes paused: this version is uploaded without waiting for a close.
         (file, last)
     });

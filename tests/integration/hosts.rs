@@ -3,12 +3,10 @@
 //! by one host at a time; a dead holder's lease expires and never before; a holder that lost its
 //! lease overwrites nothing; shared and read-only volumes mount everywhere.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::common::daemon::Daemon;
 use cairn_testkit::S3Server;
-use common::daemon::Daemon;
 use serde_json::{Value, json};
 
 /// Short leases, so that takeovers happen within a test.
@@ -151,7 +149,7 @@ fn a_holder_that_lost_its_lease_stops_writing_to_the_store() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let write = std::fs::write(a.mountpoint("db").join("more"), b"x");
-    assert_eq!(common::errno(write), libc::EROFS);
+    assert_eq!(crate::common::errno(write), libc::EROFS);
     assert_eq!(a.unmount("db", "a1"), "");
     assert_eq!(b.unmount("db", "b1"), "");
     assert_eq!(a.direct().get("db/state").unwrap().1, b"B, now the holder");
@@ -185,7 +183,7 @@ fn a_readonly_volume_refuses_writes_on_every_host() {
         let mountpoint = host.mountpoint("ro");
         assert_eq!(std::fs::read(mountpoint.join("kept")).unwrap(), b"kept");
         let write = std::fs::write(mountpoint.join("new"), b"x");
-        assert_eq!(common::errno(write), libc::EROFS);
+        assert_eq!(crate::common::errno(write), libc::EROFS);
     }
     assert_eq!(a.unmount("ro", "a1"), "");
     assert_eq!(b.unmount("ro", "b1"), "");

@@ -7,8 +7,6 @@
 //! names, if set. The store goes away by a relay in front of the S3 server closing (moto keeps
 //! its objects in memory, so a real restart would lose them).
 
-mod common;
-
 use std::collections::{BTreeMap, VecDeque};
 use std::fs;
 use std::io::Write;
@@ -17,8 +15,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::{Direct, Volume};
 use cairn_testkit::{Relay, S3Server};
-use common::{Direct, Volume};
 
 const WRITERS: usize = 8;
 /// Names each writer works on.

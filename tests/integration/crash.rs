@@ -4,8 +4,6 @@
 //! holds exactly the tree of a model of the workload. Twenty kills in a row. Also: what files
 //! still open for writing at a kill come back as.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
@@ -17,8 +15,8 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::common::Volume;
 use cairn_testkit::S3Server;
-use common::Volume;
 
 const KILLS: usize = 20;
 const DIRS: [&str; 4] = ["", "d1", "d2", "d1/e"];
