@@ -694,3 +694,80 @@ impl fuser::Filesystem for FuseAdapter {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+    use crate::store::{ErrorKind, StoreError};
+
+    fn attr(kind: Kind, size: u64) -> Attr {
+        Attr {
+            ino: 42,
+            kind,
+            size,
+            perm: 0o640,
+            uid: 1000,
+            gid: 100,
+            mtime: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            ctime: UNIX_EPOCH + Duration::from_secs(1_700_000_100),
+        }
+    }
+
+    /// What `stat` shows of each kind: its type, the permission bits, sizes in 512-byte blocks,
+    /// two links for a directory, and the mtime as atime (the mount is noatime).
+    #[test]
+    fn attributes_reach_the_kernel_as_stat_shows_them() {
+        let file = file_attr(&attr(Kind::File, 1025));
+        assert_eq!(file.kind, FileType::RegularFile);
+        assert_eq!((file.ino, file.size, file.blocks), (INodeNo(42), 1025, 3));
+        assert_eq!(
+            (file.perm, file.uid, file.gid, file.nlink),
+            (0o640, 1000, 100, 1)
+        );
+        assert_eq!(file.atime, file.mtime);
+        assert_eq!(file.ctime, attr(Kind::File, 0).ctime);
+        let dir = file_attr(&attr(Kind::Dir, 0));
+        assert_eq!(
+            (dir.kind, dir.nlink, dir.blocks),
+            (FileType::Directory, 2, 0)
+        );
+        assert_eq!(file_attr(&attr(Kind::Symlink, 7)).kind, FileType::Symlink);
+    }
+
+    #[test]
+    fn keep_cache_is_the_only_open_flag_set() {
+        assert_eq!(open_flags(true), FopenFlags::FOPEN_KEEP_CACHE);
+        assert_eq!(open_flags(false), FopenFlags::empty());
+    }
+
+    /// Each error reaches the application as the errno a local filesystem would give, and a
+    /// store that does not answer as a timeout, not as "no such file".
+    #[test]
+    fn errors_reach_the_application_as_their_errno() {
+        let store = |kind| FsError::Store(StoreError::new(kind, "test"));
+        let cases = [
+            (FsError::NotFound, libc::ENOENT),
+            (FsError::Exists, libc::EEXIST),
+            (FsError::NotEmpty, libc::ENOTEMPTY),
+            (FsError::IsDir, libc::EISDIR),
+            (FsError::NameTooLong("x".into()), libc::ENAMETOOLONG),
+            (FsError::ReadOnly, libc::EROFS),
+            (FsError::NotSupported("hard links"), libc::EOPNOTSUPP),
+            (FsError::BadHandle, libc::EBADF),
+            (FsError::Fenced("lease lost".into()), libc::EIO),
+            (store(ErrorKind::NotFound), libc::ENOENT),
+            (store(ErrorKind::AccessDenied), libc::EACCES),
+            (store(ErrorKind::Timeout), libc::ETIMEDOUT),
+            (store(ErrorKind::Unavailable), libc::EIO),
+            (
+                FsError::Io(std::io::Error::from_raw_os_error(libc::ENOSPC)),
+                libc::ENOSPC,
+            ),
+        ];
+        for (err, expected) in cases {
+            assert_eq!(errno(&err), Errno::from_i32(expected), "{err:?}");
+        }
+    }
+}

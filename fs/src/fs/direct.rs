@@ -342,3 +342,108 @@ fn same_start(file: &Path, copy: &Path, len: u64) -> std::io::Result<bool> {
     }
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use crate::fs::{FsConfig, test_mount};
+    use crate::namespace::ROOT;
+    use crate::store::memory::MemoryStore;
+    use crate::store::{PutOptions, Store};
+
+    /// Whether an open of `ino` with `flags` goes direct; the handle stays open.
+    async fn opens_direct(fs: &crate::fs::Filesystem, ino: u64, flags: i32) -> (u64, bool) {
+        let opened = fs.open(ino, flags).await.unwrap();
+        (opened.fh, opened.direct.is_some())
+    }
+
+    /// A file whose cache file holds all of it goes direct for reads; a stored file not yet
+    /// cached goes through the mount, and so do later handles while that one is open (the
+    /// kernel refuses a mix of routes on one file); once it closes, the cached file goes direct.
+    #[tokio::test]
+    async fn reads_go_direct_only_when_the_whole_file_is_cached_and_no_handle_is_through_the_mount()
+    {
+        let store = Arc::new(MemoryStore::new());
+        let body = Bytes::from(vec![7u8; 64 << 10]);
+        store
+            .put("stored", body, PutOptions::default())
+            .await
+            .unwrap();
+        let (fs, _cache) = test_mount(store, FsConfig::default());
+        fs.allow_passthrough();
+
+        let (_, made) = fs
+            .create(ROOT, "made".as_ref(), 0o644, 0, 0, 0, 0)
+            .await
+            .unwrap();
+        fs.write(made.fh, 0, b"local").await.unwrap();
+        fs.release(made.fh).await.unwrap();
+        let made = fs.lookup(ROOT, "made".as_ref()).await.unwrap().ino;
+        let (first, direct) = opens_direct(&fs, made, libc::O_RDONLY).await;
+        assert!(direct, "a file made here is all cached");
+        let (second, direct) = opens_direct(&fs, made, libc::O_RDONLY).await;
+        assert!(direct, "a second reader joins the direct one");
+        fs.release(first).await.unwrap();
+        fs.release(second).await.unwrap();
+
+        let stored = fs.lookup(ROOT, "stored".as_ref()).await.unwrap().ino;
+        let (through_mount, direct) = opens_direct(&fs, stored, libc::O_RDONLY).await;
+        assert!(!direct, "nothing of it is cached yet");
+        let mut at = 0;
+        while at < 64 << 10 {
+            at += fs.read(through_mount, at, 16 << 10).await.unwrap().len() as u64;
+        }
+        let (meanwhile, direct) = opens_direct(&fs, stored, libc::O_RDONLY).await;
+        assert!(!direct, "a handle through the mount is still open");
+        fs.release(through_mount).await.unwrap();
+        fs.release(meanwhile).await.unwrap();
+        let (after, direct) = opens_direct(&fs, stored, libc::O_RDONLY).await;
+        assert!(direct, "all cached, and no handle through the mount");
+        fs.release(after).await.unwrap();
+    }
+
+    /// A writer goes direct only when its open truncates the file (new contents written and
+    /// closed); one that changes a file in place goes through the mount; and without the
+    /// kernel's consent nothing goes direct.
+    #[tokio::test]
+    async fn writers_go_direct_only_when_they_truncate() {
+        let (fs, _cache) = test_mount(Arc::new(MemoryStore::new()), FsConfig::default());
+        let (attr, made) = fs
+            .create(ROOT, "f".as_ref(), 0o644, 0, 0, 0, 0)
+            .await
+            .unwrap();
+        assert!(made.direct.is_none(), "passthrough was not allowed yet");
+        fs.write(made.fh, 0, b"contents").await.unwrap();
+        fs.release(made.fh).await.unwrap();
+        fs.allow_passthrough();
+
+        let (fh, direct) = opens_direct(&fs, attr.ino, libc::O_WRONLY).await;
+        assert!(!direct, "an in-place writer goes through the mount");
+        fs.release(fh).await.unwrap();
+        let (fh, direct) = opens_direct(&fs, attr.ino, libc::O_WRONLY | libc::O_TRUNC).await;
+        assert!(direct, "a truncating writer goes direct");
+        fs.release(fh).await.unwrap();
+    }
+
+    /// Without passthrough in the config, the kernel's consent changes nothing.
+    #[tokio::test]
+    async fn passthrough_off_in_the_config_keeps_every_handle_on_the_mount() {
+        let config = FsConfig {
+            passthrough: false,
+            ..FsConfig::default()
+        };
+        let (fs, _cache) = test_mount(Arc::new(MemoryStore::new()), config);
+        fs.allow_passthrough();
+        let (attr, made) = fs
+            .create(ROOT, "f".as_ref(), 0o644, 0, 0, 0, 0)
+            .await
+            .unwrap();
+        fs.release(made.fh).await.unwrap();
+        let (fh, direct) = opens_direct(&fs, attr.ino, libc::O_RDONLY).await;
+        assert!(!direct);
+        fs.release(fh).await.unwrap();
+    }
+}
