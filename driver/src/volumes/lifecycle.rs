@@ -329,3 +329,112 @@ impl Driver {
         Ok(self.mountpoint(&name))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+
+    use crate::config::Config;
+    use crate::volumes::{Driver, DriverError};
+
+    /// A driver on the embedded dir store in a fresh state dir, whose mount processes would run
+    /// `program`.
+    async fn driver(program: &str) -> (Driver, tempfile::TempDir) {
+        let state = tempfile::tempdir().unwrap();
+        let driver = Driver::open(&Config::default(), state.path(), PathBuf::from(program))
+            .await
+            .unwrap();
+        (driver, state)
+    }
+
+    fn options(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// Create, Get, List and Remove as Docker calls them: a volume is there once created, a
+    /// second create with the same options (or none) is the same volume, one with other options
+    /// is refused, and after Remove it is gone.
+    #[tokio::test]
+    async fn a_volume_is_created_found_listed_and_removed() {
+        let (driver, _state) = driver("/bin/false").await;
+        let given = options(&[("writeback_delay", "1")]);
+        driver.create("data", &given).await.unwrap();
+        assert_eq!(driver.get("data").await.unwrap().name, "data");
+        driver.create("data", &given).await.unwrap();
+        driver.create("data", &BTreeMap::new()).await.unwrap();
+        let other = driver
+            .create("data", &options(&[("writeback_delay", "5")]))
+            .await;
+        assert!(matches!(other, Err(DriverError::Conflict(_))), "{other:?}");
+        let listed: Vec<String> = driver
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        assert_eq!(listed, ["data"]);
+
+        driver.remove("data").await.unwrap();
+        assert!(matches!(
+            driver.get("data").await,
+            Err(DriverError::NotFound(_))
+        ));
+        assert!(matches!(
+            driver.remove("data").await,
+            Err(DriverError::NotFound(_))
+        ));
+        assert!(driver.list().await.unwrap().is_empty());
+    }
+
+    /// Bad input gets a clear error and makes nothing.
+    #[tokio::test]
+    async fn bad_names_and_options_are_refused_and_make_nothing() {
+        let (driver, _state) = driver("/bin/false").await;
+        for name in ["", "../etc", "a/b", ".hidden"] {
+            let made = driver.create(name, &BTreeMap::new()).await;
+            assert!(
+                matches!(made, Err(DriverError::Invalid(_))),
+                "{name:?}: {made:?}"
+            );
+        }
+        let made = driver.create("vol", &options(&[("colour", "blue")])).await;
+        let Err(DriverError::Invalid(message)) = made else {
+            panic!("an unknown option is refused: {made:?}");
+        };
+        assert!(message.contains("colour"), "{message}");
+        let made = driver.create("vol", &options(&[("store", "nowhere")])).await;
+        assert!(matches!(made, Err(DriverError::Invalid(_))), "{made:?}");
+        assert!(driver.list().await.unwrap().is_empty());
+    }
+
+    /// A Mount whose mount process cannot start says so and counts no mount ID: the volume is
+    /// not left "in use", so Remove works.
+    #[tokio::test]
+    async fn a_mount_that_fails_to_start_leaves_the_volume_unused() {
+        let (driver, _state) = driver("/nonexistent/cairn").await;
+        driver.create("vol", &BTreeMap::new()).await.unwrap();
+        let mounted = driver.mount("vol", "container-1").await;
+        assert!(
+            matches!(mounted, Err(DriverError::Mount { .. })),
+            "{mounted:?}"
+        );
+        let status = driver.get("vol").await.unwrap().status;
+        assert_eq!(status["mounts"], 0);
+        assert_eq!(status["mounted"], false);
+        driver.remove("vol").await.unwrap();
+    }
+
+    /// Unmount of an ID that was never mounted is not an error (Docker retries unmounts).
+    #[tokio::test]
+    async fn an_unmount_of_an_unknown_id_is_harmless() {
+        let (driver, _state) = driver("/bin/false").await;
+        driver.create("vol", &BTreeMap::new()).await.unwrap();
+        driver.unmount("vol", "never-mounted").await.unwrap();
+        assert_eq!(driver.get("vol").await.unwrap().status["mounts"], 0);
+    }
+}
