@@ -407,7 +407,9 @@ mod tests {
             panic!("an unknown option is refused: {made:?}");
         };
         assert!(message.contains("colour"), "{message}");
-        let made = driver.create("vol", &options(&[("store", "nowhere")])).await;
+        let made = driver
+            .create("vol", &options(&[("store", "nowhere")]))
+            .await;
         assert!(matches!(made, Err(DriverError::Invalid(_))), "{made:?}");
         assert!(driver.list().await.unwrap().is_empty());
     }

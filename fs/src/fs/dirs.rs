@@ -1,4 +1,10 @@
-//! Directories: listings of the store merged with pending changes, and readdir.
+//! Directories: what a directory holds as this mount sees it (the store's listing, or a page
+//! kept from a listing of a tree above, with the pending changes of the change log applied on
+//! top), opendir/readdir/releasedir, and trusting what a listing showed for the TTL.
+//!
+//! Touches the inode table (children, `listed*` fields), the change log (read only), the
+//! listings kept from above, the handles (a directory handle keeps its listing) and the store
+//! (list requests, bounded by the metadata budget and skipped while the store seems down).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;

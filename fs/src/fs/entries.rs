@@ -1,4 +1,10 @@
-//! Namespace operations that add or remove a name: create, mkdir, symlink, mknod, unlink, rmdir.
+//! Operations that add or remove a name: create, mkdir, symlink, mknod, unlink, rmdir (and
+//! link, which is refused). Each applies to the inode table first and then logs its change, so
+//! the uploader always finds the inode the change is about.
+//!
+//! Touches the inode table, the change log (through `log_change`, under the naming lock for
+//! removals), a file's contents (an unlinked file still open keeps its bytes) and the cache
+//! index (the name's cached data goes, unless a pending upload still needs it).
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;

@@ -1,4 +1,10 @@
-//! Lookups: resolving a name to an inode from what the mount knows, the change log, or the store.
+//! Lookups: resolving a name in a directory to an inode, from what the mount knows while it is
+//! fresh, else from the change log (a pending put or delete decides), else from the store (a
+//! relisting of a small directory, or a probe: HEAD of the object and of the marker and a
+//! one-key listing), falling back to what the mount knows when the store does not answer.
+//!
+//! Owns the rules of trust (`trusted`, the TTL, `RELIST_LIMIT`) and installing what the store
+//! said into the inode table. Reads the change log; never writes it.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

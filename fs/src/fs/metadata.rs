@@ -1,4 +1,6 @@
-//! Metadata operations: lookup, getattr, setattr, readlink, forget, statfs.
+//! Metadata operations: lookup, getattr, setattr (attributes, and the size through `write`'s
+//! truncate), readlink, forget, statfs. New attributes are logged as a `SetAttrs` change, or
+//! ride with a pending upload of the same file.
 
 use std::ffi::OsStr;
 use std::sync::atomic::Ordering;

@@ -1,4 +1,6 @@
-//! File names: what a name may be, and the store key of a name in a directory.
+//! File names: what a name may be (`check_name` for any name asked about, `check_new_name` for
+//! a name cairn will store), and the store key of a name in a directory (which must fit S3's
+//! key limit). Pure functions, no state.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;

@@ -1,4 +1,9 @@
-//! Opening and closing files: open, flush (close), fsync, release.
+//! Opening and closing files: open (close-to-open freshness, the kernel's page cache, the
+//! route), flush (a close: the upload is logged, due after the write-back delay), fsync (waits
+//! until the store holds the file, or with `fsync=local` until the local disk does) and release.
+//!
+//! Touches the handles, a file's contents (through its methods), the change log (through
+//! `queue_upload`) and the uploader's wait.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

@@ -1,4 +1,9 @@
-//! The open files: loading a file's contents state on first use, and letting it go.
+//! The open files: a file's `FileData` is loaded on first use (from a pending upload's cache
+//! file, or from the cache index for a clean file) and registered by cache file name, so the
+//! uploader finds what it uploads; it is let go once no one has it open and it is clean. Also
+//! the cleanup of cache files that nothing names after a crash.
+//!
+//! Owns the registry of open files (`Filesystem::files`), the first lock in the lock order.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

@@ -1,4 +1,10 @@
-//! Reads: from the cache file, fetching what it lacks from the store.
+//! Reads: from the cache file, fetching what it lacks from the store with several ranged GETs
+//! in flight (read-ahead beyond the read is `readahead`'s). A read of bytes the page cache holds
+//! is answered on the spot, without a task or a blocking thread (`read_at_once`).
+//!
+//! Also here: bringing a partial file whole (`make_whole`, `materialize`) and taking a new
+//! version of a clean file when the store's changed. Touches a file's contents through its
+//! methods, the cache index (what a clean file holds), and the store (GET and HEAD only).
 
 use std::fs::File;
 use std::ops::Range;

@@ -1,4 +1,8 @@
-//! Renames: of files (a local move and a pending copy) and of directories (in the store).
+//! Renames. A file moves in the inode table and the cache index at once, and its new key gets
+//! what it is (its cache file, its symlink target, or a copy of its object inside the store)
+//! followed by a delete of the old key, both in the change log in that order. A directory moves
+//! in the store itself (copy every key, delete the originals) after everything before it is
+//! uploaded: not atomic for other readers of the bucket (docs/SEMANTICS.md).
 
 use std::ffi::OsStr;
 use std::sync::atomic::Ordering;

@@ -1,4 +1,5 @@
-//! What the filesystem's operations answer: attributes, directory entries, an opened file, statfs.
+//! What the filesystem's operations answer: attributes, directory entries, the changes of a
+//! setattr, an opened file, statfs. Plain data for the FUSE adapter.
 
 use std::fs::File;
 use std::sync::Arc;

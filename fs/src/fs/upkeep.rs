@@ -1,4 +1,7 @@
-//! Upkeep of the cache: counting changed bytes, evicting clean data beyond the cache size, making room for writes and reads, and the periodic tick.
+//! Upkeep of the cache: counting changed bytes (which makes writers wait when they fill the
+//! cache), evicting clean data beyond the cache size (least recently used first, never a file
+//! open here or named by a pending change), making room for a write or a read on a full disk,
+//! and the uploader's once-a-second tick. Owns `CacheUpkeep`.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;

@@ -1,4 +1,9 @@
-//! Writes and truncation: changing a file's cache file and queueing its upload.
+//! Writes and truncation: a file's first change makes it dirty (whole: fetching what it lacks
+//! first; partial: a large stored file keeps its unfetched bytes in the store), then bytes go
+//! into the cache file and `FileContents` records what happened. A change while an upload reads
+//! the cache file first moves the file to a copy (`copy_aside`). `queue_upload` logs the file's
+//! contents for upload: at a close, an fsync, or when kept open and written past its maximum
+//! dirty age.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

@@ -1,4 +1,5 @@
-//! Applying one change, or a batch of deletes, to the store.
+//! Applying one change of the change log to the store (a put of a file, a directory marker or
+//! a symlink, a copy, new attributes, a delete), or a batch of deletes in one request.
 
 use bytes::Bytes;
 

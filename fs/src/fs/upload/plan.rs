@@ -1,4 +1,5 @@
-//! Planning an upload: which parts of a file go up, and which are copied inside the store.
+//! Planning a multipart upload: which parts of a file go up, and which are copied inside the
+//! store from a partial file's base version (neighbouring untouched parts become one copy).
 
 use std::ops::Range;
 

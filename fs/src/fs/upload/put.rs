@@ -1,4 +1,7 @@
-//! Putting a file's contents: its snapshot (the cache file itself, or a copy), one put or a multipart upload.
+//! Putting a file's contents: its snapshot (the cache file itself, marked as read by an upload,
+//! or a settled copy while the kernel writes it directly, or a copy of a file no one holds),
+//! then one put or a multipart upload with parts in parallel; with no room for a snapshot, the
+//! cache file itself, held still.
 
 use std::path::PathBuf;
 use std::sync::Arc;

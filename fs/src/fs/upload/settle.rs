@@ -1,4 +1,7 @@
-//! Settling a change once the store answered: out of the log and into the inode and the cache index, or retried later; and pacing the uploader by the store's answers.
+//! Settling a change once the store answered: done (out of the change log, and the store's new
+//! version into the inode, the file's contents and the cache index, under the naming lock), or
+//! failed (retried with backoff, or dropped when a newer change of the key covers it); and
+//! pacing the uploader by the store's answers.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
