@@ -139,12 +139,7 @@ impl Filesystem {
         }
         data.size.store(new_size, Ordering::Release);
         drop(content);
-        if let Some(inode) = self.ns().get_mut(ino) {
-            let now = SystemTime::now();
-            inode.attrs.mtime = now;
-            inode.ctime = now;
-            inode.size = new_size;
-        }
+        self.contents_changed(ino, new_size);
         Ok(len as u32)
     }
 
@@ -166,13 +161,19 @@ impl Filesystem {
         }
         data.size.store(new_size, Ordering::Release);
         drop(content);
+        self.contents_changed(ino, new_size);
+        Ok(())
+    }
+
+    /// The inode of a file whose contents just changed: its new size, and now as its mtime and
+    /// ctime.
+    fn contents_changed(&self, ino: u64, size: u64) {
         if let Some(inode) = self.ns().get_mut(ino) {
             let now = SystemTime::now();
             inode.attrs.mtime = now;
             inode.ctime = now;
-            inode.size = new_size;
+            inode.size = size;
         }
-        Ok(())
     }
 
     /// Records a changed file's contents in the change log (unless already recorded), due after
