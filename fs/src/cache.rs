@@ -10,6 +10,7 @@ use std::fs::{self, File, OpenOptions};
 use std::ops::Range;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -150,6 +151,87 @@ impl Partial {
 pub struct Cache {
     dir: PathBuf,
     index: Arc<Mutex<Connection>>,
+    spares: Arc<Spares>,
+}
+
+/// Empty cache files made ahead of need, by a thread of their own: a new file's cache file is
+/// then taken from memory, with no `openat` on the way (a new inode took 0.3-1 ms on this
+/// machine's ext4 after many deletes, most of the time of creating a small file through the
+/// mount). Spares that no file took are removed when the cache is dropped, or as orphans when
+/// the next mount starts.
+#[derive(Debug)]
+struct Spares {
+    data: PathBuf,
+    files: Mutex<Vec<(String, File)>>,
+    /// A thread is making more.
+    refilling: AtomicBool,
+}
+
+/// Below this many spares, a thread makes more, up to [`SPARES_HIGH`].
+const SPARES_LOW: usize = 32;
+const SPARES_HIGH: usize = 128;
+
+impl Spares {
+    fn new(data: PathBuf) -> Self {
+        Self {
+            data,
+            files: Mutex::default(),
+            refilling: AtomicBool::new(false),
+        }
+    }
+
+    fn files(&self) -> std::sync::MutexGuard<'_, Vec<(String, File)>> {
+        self.files.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A spare, if one is ready; starts making more when few are left.
+    fn take(self: &Arc<Self>) -> Option<(String, File)> {
+        let (taken, left) = {
+            let mut files = self.files();
+            (files.pop(), files.len())
+        };
+        if left < SPARES_LOW && !self.refilling.swap(true, Ordering::AcqRel) {
+            let spares = Arc::clone(self);
+            let spawned = std::thread::Builder::new()
+                .name("cairn-spares".into())
+                .spawn(move || spares.refill());
+            if spawned.is_err() {
+                self.refilling.store(false, Ordering::Release);
+            }
+        }
+        taken
+    }
+
+    fn refill(&self) {
+        while self.files().len() < SPARES_HIGH {
+            match create_cache_file(&self.data) {
+                Ok(spare) => self.files().push(spare),
+                // A full disk, say: the foreground makes its own and says why.
+                Err(_) => break,
+            }
+        }
+        self.refilling.store(false, Ordering::Release);
+    }
+}
+
+impl Drop for Spares {
+    fn drop(&mut self) {
+        for (name, _) in self.files().drain(..) {
+            let _ = fs::remove_file(self.data.join(name));
+        }
+    }
+}
+
+/// A new, empty cache file in `data`, with a random name.
+fn create_cache_file(data: &Path) -> std::io::Result<(String, File)> {
+    let name = uuid::Uuid::new_v4().simple().to_string();
+    let file = OpenOptions::new()
+        .create_new(true)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .open(data.join(&name))?;
+    Ok((name, file))
 }
 
 impl Cache {
@@ -190,6 +272,7 @@ impl Cache {
         Ok(Self {
             dir: dir.to_path_buf(),
             index: Arc::new(Mutex::new(index)),
+            spares: Arc::new(Spares::new(dir.join("data"))),
         })
     }
 
@@ -292,14 +375,16 @@ impl Cache {
 
     /// A new, empty cache file; returns its name and an open handle.
     pub fn new_file(&self) -> FsResult<(String, File)> {
-        let name = uuid::Uuid::new_v4().simple().to_string();
-        let file = OpenOptions::new()
-            .create_new(true)
-            .read(true)
-            .write(true)
-            .mode(0o600)
-            .open(self.path_of(&name))?;
-        Ok((name, file))
+        match self.spare_file() {
+            Some(spare) => Ok(spare),
+            None => Ok(create_cache_file(&self.dir.join("data"))?),
+        }
+    }
+
+    /// A new, empty cache file made ahead of need, if one is ready: no disk I/O, so an async
+    /// worker may ask ([`Cache::new_file`] makes one when none is).
+    pub fn spare_file(&self) -> Option<(String, File)> {
+        self.spares.take()
     }
 
     /// Whether cache file `name` is on disk (the index may outlive it after a full disk).
@@ -623,5 +708,28 @@ mod tests {
         cache.remove("z/b").unwrap();
         assert!(cache.lookup("z/b").unwrap().is_none());
         assert!(!cache.path_of(&file).exists());
+    }
+
+    /// New cache files are distinct, empty and writable, whether made ahead of need or on the
+    /// spot; the spares no file took go with the cache.
+    #[test]
+    fn new_cache_files_are_distinct_and_spares_do_not_outlive_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let mut names = std::collections::HashSet::new();
+        for _ in 0..(SPARES_HIGH + 10) {
+            let (name, file) = cache.new_file().unwrap();
+            assert_eq!(file.metadata().unwrap().len(), 0);
+            std::os::unix::fs::FileExt::write_all_at(&file, b"x", 0).unwrap();
+            assert!(names.insert(name), "a cache file was handed out twice");
+        }
+        while cache.spares.refilling.load(Ordering::Acquire) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let on_disk = cache.all_files().unwrap().len();
+        assert!(on_disk > names.len(), "spares were made ahead of need");
+        drop(cache);
+        let left = std::fs::read_dir(dir.path().join("data")).unwrap().count();
+        assert_eq!(left, names.len(), "only the files handed out remain");
     }
 }

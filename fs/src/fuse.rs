@@ -209,7 +209,15 @@ impl fuser::Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let (name, ttl) = (name.to_owned(), self.ttl());
+        let (started, ttl) = (Instant::now(), self.ttl());
+        if let Some(answer) = self.fs.lookup_at_once(parent.0, name) {
+            answer_entry(reply, &ttl, answer);
+            self.fs
+                .metrics()
+                .fuse_operation("lookup", started.elapsed());
+            return;
+        }
+        let name = name.to_owned();
         self.spawn("lookup", move |fs| async move {
             answer_entry(reply, &ttl, fs.lookup(parent.0, &name).await)
         });
@@ -220,7 +228,14 @@ impl fuser::Filesystem for FuseAdapter {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let ttl = self.ttl();
+        let (started, ttl) = (Instant::now(), self.ttl());
+        if let Some(answer) = self.fs.getattr_at_once(ino.0) {
+            answer_attr(reply, &ttl, answer);
+            self.fs
+                .metrics()
+                .fuse_operation("getattr", started.elapsed());
+            return;
+        }
         self.spawn("getattr", move |fs| async move {
             answer_attr(reply, &ttl, fs.getattr(ino.0).await)
         });

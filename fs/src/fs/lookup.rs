@@ -27,6 +27,20 @@ pub(super) enum StoreEntry {
     Dir(Option<ObjectInfo>),
 }
 
+/// What the mount knows of a name without asking the store (see
+/// [`Filesystem::resolve_known`]).
+pub(super) enum Known {
+    Found(u64),
+    Absent,
+    Unsure {
+        key: String,
+        /// The kind of the object the mount knew there (not trusted any more).
+        known_object: Option<Kind>,
+        /// The kind a listing showed there.
+        listed_as: Option<Kind>,
+    },
+}
+
 /// The most names a directory's last listing may have held for a miss there to list it again.
 pub(super) const RELIST_LIMIT: usize = 10_000;
 
@@ -173,6 +187,51 @@ impl Filesystem {
         self.resolve_listed(parent, name, None).await
     }
 
+    /// What the mount knows of `name` in `parent` without asking the store or waiting: found
+    /// (trusted), absent (a directory listed within the TTL did not hold it, or it was seen
+    /// absent lately), or unsure (what `resolve` needs to go on: the key, and whether the name
+    /// was an object, or listed as a kind).
+    pub(super) fn resolve_known(
+        &self,
+        parent: u64,
+        name: &str,
+        listed_as: Option<Kind>,
+    ) -> FsResult<Known> {
+        let mut listed_as = listed_as;
+        let ns = self.ns();
+        let key = Self::child_key(&ns, parent, name)?;
+        let mut known_object = None;
+        if let Some(ino) = ns.child(parent, name) {
+            let inode = ns.get(ino).expect("live child");
+            if self.trusted(inode) {
+                tracing::debug!(
+                    "{key}: known (inode {ino}, open or changed here: {}, checked {:?} ago)",
+                    inode.file.is_some(),
+                    inode.checked.elapsed()
+                );
+                return Ok(Known::Found(ino));
+            }
+            known_object =
+                (inode.kind() != Kind::Dir && inode.remote.is_some()).then(|| inode.kind());
+        } else if self.change_log().latest(&key).is_none() {
+            // A directory listed within the TTL: a name it did not hold is absent, one it
+            // held needs no listing again to tell a file from a directory.
+            let listing = ns
+                .get(parent)
+                .filter(|p| self.listed_within_ttl(p))
+                .map(|p| p.listed_kinds.as_ref().and_then(|k| k.get(name).copied()));
+            if ns.known_absent(parent, name, self.config.metadata_ttl) || listing == Some(None) {
+                return Ok(Known::Absent);
+            }
+            listed_as = listed_as.or(listing.flatten());
+        }
+        Ok(Known::Unsure {
+            key,
+            known_object,
+            listed_as,
+        })
+    }
+
     /// [`Self::resolve`] of a name a listing just showed as `listed_as` (a file or a directory),
     /// which spares the store the requests that tell one from the other.
     pub(super) async fn resolve_listed(
@@ -181,37 +240,14 @@ impl Filesystem {
         name: &str,
         listed_as: Option<Kind>,
     ) -> FsResult<Option<u64>> {
-        let mut listed_as = listed_as;
-        let (key, known_object) = {
-            let ns = self.ns();
-            let key = Self::child_key(&ns, parent, name)?;
-            let mut known_object = None;
-            if let Some(ino) = ns.child(parent, name) {
-                let inode = ns.get(ino).expect("live child");
-                if self.trusted(inode) {
-                    tracing::debug!(
-                        "{key}: known (inode {ino}, open or changed here: {}, checked {:?} ago)",
-                        inode.file.is_some(),
-                        inode.checked.elapsed()
-                    );
-                    return Ok(Some(ino));
-                }
-                known_object =
-                    (inode.kind() != Kind::Dir && inode.remote.is_some()).then(|| inode.kind());
-            } else if self.change_log().latest(&key).is_none() {
-                // A directory listed within the TTL: a name it did not hold is absent, one it
-                // held needs no listing again to tell a file from a directory.
-                let listing = ns
-                    .get(parent)
-                    .filter(|p| self.listed_within_ttl(p))
-                    .map(|p| p.listed_kinds.as_ref().and_then(|k| k.get(name).copied()));
-                if ns.known_absent(parent, name, self.config.metadata_ttl) || listing == Some(None)
-                {
-                    return Ok(None);
-                }
-                listed_as = listed_as.or(listing.flatten());
-            }
-            (key, known_object)
+        let (key, known_object, listed_as) = match self.resolve_known(parent, name, listed_as)? {
+            Known::Found(ino) => return Ok(Some(ino)),
+            Known::Absent => return Ok(None),
+            Known::Unsure {
+                key,
+                known_object,
+                listed_as,
+            } => (key, known_object, listed_as),
         };
         loop {
             let latest = self

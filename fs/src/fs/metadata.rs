@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use super::Filesystem;
+use super::lookup::Known;
 use super::names::{NAME_MAX, check_name};
 use super::reply::{Attr, SetAttrs, Statfs};
 use crate::attrs::Kind;
@@ -26,6 +27,51 @@ impl Filesystem {
         self.count_lookup(ino);
         self.note_direct_writes_to(ino).await?;
         self.attr(ino)
+    }
+
+    /// A lookup answered on the spot, with no task and no blocking thread, where what the mount
+    /// knows decides it (a trusted name, or one known absent) and no direct writer may have
+    /// changed the file's size. `None`: ask [`Filesystem::lookup`].
+    pub fn lookup_at_once(&self, parent: u64, name: &OsStr) -> Option<FsResult<Attr>> {
+        let name = match check_name(name) {
+            Ok(name) => name,
+            Err(err) => return Some(Err(err)),
+        };
+        if name.chars().any(|c| c.is_ascii_control()) {
+            return Some(Err(FsError::NotFound));
+        }
+        match self.resolve_known(parent, &name, None) {
+            Err(err) => Some(Err(err)),
+            Ok(Known::Absent) => Some(Err(FsError::NotFound)),
+            Ok(Known::Unsure { .. }) => None,
+            Ok(Known::Found(ino)) => {
+                let attr = self.attr_at_once(ino)?;
+                self.count_lookup(ino);
+                Some(attr)
+            }
+        }
+    }
+
+    /// A getattr answered on the spot where what the mount knows is trusted (see
+    /// [`Self::lookup_at_once`]). `None`: ask [`Filesystem::getattr`].
+    pub fn getattr_at_once(&self, ino: u64) -> Option<FsResult<Attr>> {
+        self.attr_at_once(ino)
+    }
+
+    /// The attributes of `ino` if the mount may answer them without I/O: trusted (or no longer
+    /// in the tree), and not written by the kernel directly (whose size the mount learns by
+    /// looking at the cache file).
+    fn attr_at_once(&self, ino: u64) -> Option<FsResult<Attr>> {
+        let ns = self.ns();
+        let Some(inode) = ns.get(ino) else {
+            return Some(Err(FsError::NotFound));
+        };
+        let written = inode
+            .file
+            .as_ref()
+            .is_some_and(|data| data.direct_writers.load(Ordering::Acquire) > 0);
+        let known = self.trusted(inode) || !ns.attached(ino);
+        (known && !written).then(|| Ok(Self::attr_of(inode)))
     }
 
     pub fn forget(&self, ino: u64, count: u64) {
@@ -160,5 +206,50 @@ impl Filesystem {
             block_size: 4096,
             name_max: NAME_MAX as u32,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use crate::error::FsError;
+    use crate::fs::{FsConfig, test_mount};
+    use crate::namespace::ROOT;
+    use crate::store::memory::MemoryStore;
+    use crate::store::{PutOptions, Store};
+
+    /// Names made here, and names a directory made here does not hold, are answered on the
+    /// spot; a name the mount has never seen waits for the store.
+    #[tokio::test]
+    async fn lookups_known_here_are_answered_at_once_and_others_go_to_the_store() {
+        let store = Arc::new(MemoryStore::new());
+        let body = Bytes::from_static(b"stored");
+        store
+            .put("elsewhere", body, PutOptions::default())
+            .await
+            .unwrap();
+        let (fs, _cache) = test_mount(store, FsConfig::default());
+        let dir = fs.mkdir(ROOT, "d".as_ref(), 0o755, 0, 0, 0).await.unwrap();
+        let (made, opened) = fs
+            .create(dir.ino, "f".as_ref(), 0o644, 0, 0, 0, 0)
+            .await
+            .unwrap();
+        fs.release(opened.fh).await.unwrap();
+
+        let found = fs.lookup_at_once(dir.ino, "f".as_ref()).expect("made here");
+        assert_eq!(found.unwrap().ino, made.ino);
+        let absent = fs
+            .lookup_at_once(dir.ino, "nothing".as_ref())
+            .expect("made here, empty");
+        assert!(matches!(absent, Err(FsError::NotFound)));
+        assert_eq!(fs.getattr_at_once(made.ino).unwrap().unwrap(), made);
+        assert!(
+            fs.lookup_at_once(ROOT, "elsewhere".as_ref()).is_none(),
+            "the root was never listed: the store must be asked"
+        );
+        assert_eq!(fs.lookup(ROOT, "elsewhere".as_ref()).await.unwrap().size, 6);
     }
 }

@@ -107,7 +107,10 @@ impl Filesystem {
     pub(super) async fn new_file_data(&self, ino: u64) -> FsResult<Arc<FileData>> {
         let mut registry = self.files.lock().await;
         let cache = self.cache.clone();
-        let (name, file) = blocking(move || cache.new_file()).await?;
+        let (name, file) = match cache.spare_file() {
+            Some(spare) => spare,
+            None => blocking(move || cache.new_file()).await?,
+        };
         let data = Arc::new(FileData::new(
             ino,
             FileContents::created(name.clone(), file),
