@@ -30,6 +30,12 @@ pub struct MountArgs {
     /// hosts show up after at most this long.
     #[arg(long, default_value_t = 2.0)]
     pub metadata_ttl: f64,
+    /// This mount is the only writer of the store folder (as an exclusive volume's is): what it
+    /// lists, looks up or makes stays known while it is mounted, without asking the store again,
+    /// so namespace operations work with the store away. Objects other tools put into the folder
+    /// meanwhile show up at the next mount. `--metadata-ttl` then only sets the kernel's TTL.
+    #[arg(long, conflicts_with = "read_only")]
+    pub only_writer: bool,
     /// Mount read-only: every write fails with EROFS.
     #[arg(long)]
     pub read_only: bool,
@@ -272,6 +278,7 @@ async fn serve(args: MountArgs, state_dir: &Path) -> Result<(), String> {
                 dir_mode: args.dir_mode,
             },
             metadata_ttl,
+            only_writer: args.only_writer,
             read_only: args.read_only,
             writeback_delay,
             fsync_local: args.fsync == FsyncMode::Local,
@@ -294,6 +301,16 @@ async fn serve(args: MountArgs, state_dir: &Path) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     eprintln!("mounted {spec} on {}", args.mountpoint.display());
+    if args.only_writer {
+        let fs = Arc::clone(mounted.filesystem());
+        tokio::spawn(async move {
+            if let Err(err) = fs.know_the_root().await {
+                tracing::warn!(
+                    "listing the root: {err}; a new name there asks the store until it answers"
+                );
+            }
+        });
+    }
     let lease = lease.map(|held| Arc::new(tokio::sync::Mutex::new(Some(held))));
     let renewal = lease.as_ref().map(|held| {
         let fs = Arc::clone(mounted.filesystem());

@@ -21,9 +21,10 @@ pub const VALID_OPTIONS: &[&str] = &[
     "dir_mode",
 ];
 
-/// How long an exclusive volume's mount trusts what it learned from the store, unless the volume
-/// says otherwise: it is the volume's only writer, so only tools writing to the store behind its
-/// back can make that knowledge stale (`cairn mount`'s own default, 2 s, is for shared volumes).
+/// The kernel's TTL for an exclusive volume's names and attributes, unless the volume says
+/// otherwise. Its mount is the volume's only writer (`cairn mount --only-writer`): it keeps what
+/// it learned for as long as it lives, and only tools writing to the store behind its back can
+/// make that stale. A volume given `metadata_ttl` is trusted for that long instead.
 pub const EXCLUSIVE_METADATA_TTL: &str = "60";
 
 /// How hosts share a volume: `exclusive` is enforced by a lease in the store (and its mount, the
@@ -122,6 +123,7 @@ impl VolumeOptions {
             flags.push(value.clone());
         }
         if self.access() == Access::Exclusive && !self.given.contains_key("metadata_ttl") {
+            flags.push("--only-writer".into());
             flags.push("--metadata-ttl".into());
             flags.push(EXCLUSIVE_METADATA_TTL.into());
         }
@@ -241,6 +243,24 @@ mod tests {
                 "--read-only"
             ]
         );
+    }
+
+    /// An exclusive volume's mount is its only writer unless the volume asks for a TTL (for a
+    /// tool writing into its folder behind its back); shared and read-only volumes never are.
+    #[test]
+    fn an_exclusive_volume_is_mounted_as_the_only_writer_unless_given_a_ttl() {
+        let only_writer = |pairs: &[(&str, &str)]| {
+            let flags = options(pairs).unwrap().mount_flags();
+            flags.iter().any(|f| f == "--only-writer")
+        };
+        assert!(only_writer(&[]));
+        assert!(only_writer(&[("access", "exclusive")]));
+        assert!(!only_writer(&[
+            ("access", "exclusive"),
+            ("metadata_ttl", "2")
+        ]));
+        assert!(!only_writer(&[("access", "shared")]));
+        assert!(!only_writer(&[("access", "readonly")]));
     }
 
     #[test]

@@ -386,3 +386,114 @@ fn appending_to_a_file_replaced_in_the_store_takes_the_new_version() {
     );
     assert_eq!(&stored[8 * MIB..], b"tail");
 }
+
+/// The only writer of a volume (`--only-writer`, as an exclusive volume is mounted) goes on
+/// with the S3 server away, anywhere it has listed or made: a workload of creates, overwrites,
+/// renames, deletes and new directories, in the root and below, runs without one failure while
+/// the relay in front of the server is down for its middle third; once it is back, the store
+/// holds exactly what a model of the workload says.
+#[test]
+fn the_only_writer_keeps_working_anywhere_it_listed_while_the_s3_server_is_away() {
+    use std::collections::BTreeMap;
+    let server = S3Server::shared();
+    let relay = Relay::start(server.port());
+    let spec = server.spec(&S3Server::unique_prefix("onlywriter")).replace(
+        &server.endpoint,
+        &format!("http://127.0.0.1:{}", relay.port),
+    );
+    // A short TTL, which the only writer's own knowledge outlives (it sets the kernel's).
+    let flags = [
+        "--only-writer",
+        "--writeback-delay",
+        "0",
+        "--metadata-ttl",
+        "0.2",
+    ];
+    let mut volume = Volume::mount(&spec, &flags);
+    let store = volume.direct();
+    // What another tool put there before the mount: listed, never looked up one by one.
+    store.put(&volume.key("top.txt"), b"from before", Default::default());
+    store.put(&volume.key("old/one.txt"), b"one", Default::default());
+    volume.remount(&flags);
+    let mut model: BTreeMap<String, Vec<u8>> = BTreeMap::from([
+        ("top.txt".to_string(), b"from before".to_vec()),
+        ("old/one.txt".to_string(), b"one".to_vec()),
+    ]);
+    // The directories it has listed (the root is listed when it mounts).
+    assert_eq!(fs::read_dir(volume.path("old")).unwrap().count(), 1);
+    let mut dirs = vec![String::new(), "old/".to_string()];
+
+    let steps = 90;
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    for step in 0..steps {
+        if step == steps / 3 {
+            relay.stop();
+            // Everything the mount learned is now older than the TTL.
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        if step == 2 * steps / 3 {
+            relay.resume();
+        }
+        let dir = dirs[next(dirs.len() as u64) as usize].clone();
+        let files: Vec<String> = model
+            .keys()
+            .filter(|k| k.starts_with(&dir))
+            .cloned()
+            .collect();
+        let what = next(10);
+        let done = match what {
+            0..=3 => {
+                let name = format!("{dir}f{step}.txt");
+                let body = format!("step {step}").into_bytes();
+                let written = fs::write(volume.path(&name), &body);
+                model.insert(name, body);
+                written
+            }
+            4 | 5 if !files.is_empty() => {
+                let name = &files[next(files.len() as u64) as usize];
+                let body = format!("overwritten at {step}").into_bytes();
+                let written = fs::write(volume.path(name), &body);
+                model.insert(name.clone(), body);
+                written
+            }
+            6 if !files.is_empty() => {
+                let from = files[next(files.len() as u64) as usize].clone();
+                let to = format!("{}r{step}.txt", dirs[next(dirs.len() as u64) as usize]);
+                let renamed = fs::rename(volume.path(&from), volume.path(&to));
+                let body = model.remove(&from).unwrap();
+                model.insert(to, body);
+                renamed
+            }
+            7 if !files.is_empty() => {
+                let name = files[next(files.len() as u64) as usize].clone();
+                model.remove(&name);
+                fs::remove_file(volume.path(&name))
+            }
+            8 => {
+                let new = format!("{dir}d{step}/");
+                let made = fs::create_dir(volume.path(&new));
+                dirs.push(new);
+                made
+            }
+            _ => fs::read_dir(volume.path(&dir)).map(|_| ()),
+        };
+        done.unwrap_or_else(|e| panic!("step {step} ({what} in {dir:?}) failed: {e}"));
+    }
+    volume.flush();
+    let prefix = volume.key("");
+    let mut stored: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for key in store.keys(&prefix) {
+        let name = key[prefix.len()..].to_string();
+        if !name.ends_with('/') {
+            stored.insert(name, store.get(&key).unwrap().1);
+        }
+    }
+    assert_eq!(stored, model);
+    volume.stop();
+}

@@ -11,6 +11,11 @@ pub struct FsConfig {
     pub defaults: Defaults,
     /// How long what the store said is trusted before asking again (and the kernel's TTL).
     pub metadata_ttl: Duration,
+    /// This mount is the only writer of its folder (an exclusive volume): what it listed,
+    /// looked up or made stays known for as long as it lives, whatever `metadata_ttl` says
+    /// (which still sets the kernel's TTL). Objects other tools put into the folder behind its
+    /// back are not seen until the next mount.
+    pub only_writer: bool,
     pub read_only: bool,
     /// Reads fetch whole blocks of this size.
     pub block_size: u64,
@@ -46,6 +51,7 @@ impl Default for FsConfig {
         Self {
             defaults: Defaults::default(),
             metadata_ttl: Duration::from_secs(2),
+            only_writer: false,
             read_only: false,
             block_size: 1 << 20,
             max_readahead: 128 << 20,
@@ -59,6 +65,18 @@ impl Default for FsConfig {
             cache_size: 10 << 30,
             copy_threshold: 32 << 20,
             passthrough: true,
+        }
+    }
+}
+
+impl FsConfig {
+    /// How long what the mount learned of its folder (names, attributes, listings) is trusted:
+    /// the metadata TTL, or for the only writer, for good.
+    pub fn trust(&self) -> Duration {
+        if self.only_writer {
+            Duration::MAX
+        } else {
+            self.metadata_ttl
         }
     }
 }

@@ -39,7 +39,7 @@ impl Filesystem {
             (ns.dir_prefix(ino).ok_or(FsError::NotFound)?, inode.listed)
         };
         let mut names: HashMap<String, Kind> = HashMap::new();
-        let kept = self.listings().take(&prefix, self.config.metadata_ttl);
+        let kept = self.listings().take(&prefix, self.config.trust());
         // `listed_at`: when the listing started; `seen_at`: when what it shows was last seen
         // (a fresh listing's end, a kept page's start).
         let (listed, pending_before, listed_at, seen_at) = match kept {
@@ -126,6 +126,21 @@ impl Filesystem {
         Ok((names, listed_at))
     }
 
+    /// Lists the root once, so that the only writer (see [`crate::fs::FsConfig::only_writer`])
+    /// knows every name there from the start: a new name in the root is then known to be free
+    /// without asking the store, which lets files be made there with the store away. The names
+    /// are kept as a lookup's relisting keeps them (no request per name).
+    pub async fn know_the_root(&self) -> FsResult<()> {
+        let (names, listed_at) = self.entries_of(ROOT).await?;
+        let mut ns = self.ns();
+        if let Some(root) = ns.get_mut(ROOT) {
+            root.listed_at = Some(listed_at);
+            root.listed_names = names.len();
+            root.listed_kinds = Some(Arc::new(names));
+        }
+        Ok(())
+    }
+
     /// Lists directory `prefix` in the store. With `pending_below` (the changes pending below
     /// it when the listing started, `at` a time and a count of recorded changes), first without
     /// a delimiter: if everything below fits in one page, that listing answers for the
@@ -143,7 +158,7 @@ impl Filesystem {
                 let keys = page.objects.len();
                 let mut pages = listings::split_flat(prefix, page.objects);
                 let own = pages.remove(prefix).unwrap_or_default();
-                let ttl = self.config.metadata_ttl;
+                let ttl = self.config.trust();
                 let kept = self.listings().keep(at, pages, pending, ttl);
                 tracing::debug!("{prefix}: listed flat, {keys} keys, {kept} pages kept");
                 return Ok(own);
@@ -215,7 +230,7 @@ impl Filesystem {
     /// Whether directory `dir` was listed (or made) within the TTL.
     pub(super) fn listed_within_ttl(&self, dir: &Inode) -> bool {
         dir.listed_at
-            .is_some_and(|at| at.elapsed() < self.config.metadata_ttl)
+            .is_some_and(|at| at.elapsed() < self.config.trust())
     }
 
     /// The names of directory `ino` as this mount holds them, if it listed the directory in

@@ -64,9 +64,7 @@ impl Filesystem {
 
     /// Whether what the mount knows of an inode may be used without asking the store.
     pub(super) fn trusted(&self, inode: &Inode) -> bool {
-        inode.ino == ROOT
-            || inode.file.is_some()
-            || inode.checked.elapsed() < self.config.metadata_ttl
+        inode.ino == ROOT || inode.file.is_some() || inode.checked.elapsed() < self.config.trust()
     }
 
     pub(super) fn attr(&self, ino: u64) -> FsResult<Attr> {
@@ -220,7 +218,7 @@ impl Filesystem {
                 .get(parent)
                 .filter(|p| self.listed_within_ttl(p))
                 .map(|p| p.listed_kinds.as_ref().and_then(|k| k.get(name).copied()));
-            if ns.known_absent(parent, name, self.config.metadata_ttl) || listing == Some(None) {
+            if ns.known_absent(parent, name, self.config.trust()) || listing == Some(None) {
                 return Ok(Known::Absent);
             }
             listed_as = listed_as.or(listing.flatten());
@@ -422,5 +420,95 @@ impl Filesystem {
         if let Some(inode) = self.ns().get_mut(ino) {
             inode.lookups += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use crate::fs::{Filesystem, FsConfig, test_mount};
+    use crate::namespace::ROOT;
+    use crate::store::faults::FaultyStore;
+    use crate::store::memory::MemoryStore;
+    use crate::store::{ErrorKind, PutOptions, Store, StoreError, StoreExt};
+
+    /// Makes `name` in `parent` with `body`, and closes it.
+    async fn make(
+        fs: &Filesystem,
+        parent: u64,
+        name: &str,
+        body: &[u8],
+    ) -> crate::error::FsResult<()> {
+        let (_, opened) = fs.create(parent, name.as_ref(), 0o644, 0, 0, 0, 0).await?;
+        fs.write(opened.fh, 0, body).await?;
+        fs.flush(opened.fh).await?;
+        fs.release(opened.fh).await
+    }
+
+    fn away() -> StoreError {
+        StoreError::new(ErrorKind::Unavailable, "the store is away")
+    }
+
+    /// The only writer of a folder knows it: once its root is listed, with the store away and
+    /// past the metadata TTL, it makes, writes, renames and removes files in the root and in a
+    /// directory it made, and the store gets exactly that once it is back. A mount that is not
+    /// the only writer has to ask the store about a new name in the root, and fails.
+    #[tokio::test]
+    async fn the_only_writer_goes_on_with_the_store_away() {
+        let memory = Arc::new(MemoryStore::new());
+        let old = Bytes::from_static(b"old");
+        memory
+            .put("kept", old, PutOptions::default())
+            .await
+            .unwrap();
+        let faulty = Arc::new(FaultyStore::new(memory.clone()));
+        let config = FsConfig {
+            only_writer: true,
+            metadata_ttl: Duration::from_millis(1),
+            writeback_delay: Duration::ZERO,
+            ..FsConfig::default()
+        };
+        let (fs, _cache) = test_mount(faulty.clone(), config.clone());
+        fs.start_uploader();
+        fs.know_the_root().await.unwrap();
+        faulty.fail_next(None, u64::MAX, away());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+
+        make(&fs, ROOT, "a", b"first").await.unwrap();
+        let dir = fs
+            .mkdir(ROOT, "d".as_ref(), 0o755, 0, 0, 0)
+            .await
+            .unwrap()
+            .ino;
+        make(&fs, dir, "b", b"second").await.unwrap();
+        make(&fs, dir, "gone", b"short-lived").await.unwrap();
+        fs.rename(ROOT, "a".as_ref(), dir, "c".as_ref(), false)
+            .await
+            .unwrap();
+        fs.unlink(dir, "gone".as_ref()).await.unwrap();
+        assert!(fs.lookup(ROOT, "a".as_ref()).await.is_err(), "renamed away");
+
+        faulty.clear();
+        fs.drain(Some(Duration::from_secs(30))).await.unwrap();
+        let listed = memory.list_all("", false).await.unwrap();
+        let mut keys: Vec<String> = listed.objects.into_iter().map(|o| o.key).collect();
+        keys.sort();
+        assert_eq!(keys, ["d/", "d/b", "d/c", "kept"]);
+        assert_eq!(&memory.get_all("d/c").await.unwrap().1[..], b"first");
+
+        // The same without being the only writer: a new name needs the store.
+        let config = FsConfig {
+            only_writer: false,
+            ..config
+        };
+        let (other, _cache) = test_mount(faulty.clone(), config);
+        other.know_the_root().await.unwrap();
+        faulty.fail_next(None, u64::MAX, away());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(make(&other, ROOT, "x", b"x").await.is_err());
     }
 }
