@@ -592,13 +592,14 @@ impl fuser::Filesystem for FuseAdapter {
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // Directory changes reach the store as they happen.
-        reply.ok();
+        self.spawn("fsyncdir", move |fs| async move {
+            answer_empty(reply, fs.fsyncdir(ino.0).await)
+        });
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

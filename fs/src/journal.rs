@@ -545,24 +545,44 @@ impl Journal {
         Ok(Some(seq))
     }
 
-    /// Makes every pending change up to `seq` due now (an fsync waits for all of them).
-    pub fn hurry_up_to(&mut self, seq: u64) -> FsResult<()> {
-        let hurried: Vec<u64> = self
-            .entries
-            .range(..=seq)
-            .filter(|(_, entry)| entry.not_before != SystemTime::UNIX_EPOCH)
-            .map(|(seq, _)| *seq)
-            .collect();
-        for seq in &hurried {
-            self.change_entry(*seq, |entry| entry.not_before = SystemTime::UNIX_EPOCH);
+    /// Makes the changes `seqs` due now, and every earlier change they wait for: the earlier
+    /// changes of their keys, of the directories above them and of keys inside them, and in turn
+    /// what those wait for (an fsync: never the unrelated changes made before it).
+    pub fn hurry_with_predecessors(&mut self, seqs: &[u64]) -> FsResult<()> {
+        let Some(&last) = seqs.iter().max() else {
+            return Ok(());
+        };
+        let mut needed = EarlierKeys::default();
+        let mut hurried = Vec::new();
+        for entry in self.entries.range(..=last).rev().map(|(_, entry)| entry) {
+            let wanted = seqs.contains(&entry.seq) || entry.keys().any(|k| needed.holds_back(k));
+            if wanted {
+                needed.add(entry);
+                if entry.not_before != SystemTime::UNIX_EPOCH {
+                    hurried.push(entry.seq);
+                }
+            }
         }
-        if !hurried.is_empty() {
-            self.db.execute(
-                "UPDATE changes SET not_before = 0 WHERE seq <= ?1",
-                params![seq as i64],
+        if hurried.is_empty() {
+            return Ok(());
+        }
+        let tx = self.db.transaction()?;
+        for seq in &hurried {
+            tx.execute(
+                "UPDATE changes SET not_before = 0 WHERE seq = ?1",
+                params![*seq as i64],
             )?;
         }
+        tx.commit()?;
+        for seq in hurried {
+            self.change_entry(seq, |entry| entry.not_before = SystemTime::UNIX_EPOCH);
+        }
         Ok(())
+    }
+
+    /// Whether change `seq` is still to be applied.
+    pub fn is_pending(&self, seq: u64) -> bool {
+        self.entries.contains_key(&seq)
     }
 
     /// Makes every pending change due now (unmount, `cairn flush`).
@@ -686,11 +706,6 @@ impl Journal {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
-    }
-
-    /// Whether any entry up to `seq` is still pending.
-    pub fn pending_up_to(&self, seq: u64) -> bool {
-        self.entries.range(..=seq).next().is_some()
     }
 
     pub fn entries(&self) -> impl Iterator<Item = &Entry> {
@@ -832,27 +847,35 @@ mod tests {
         assert_eq!(next[0].key, "d/f");
     }
 
+    /// An fsync hurries what its change waits for (its directory's new marker, an earlier
+    /// change inside a directory it replaces) and nothing unrelated, before or after it; on disk
+    /// too.
     #[test]
-    fn an_fsync_hurries_the_changes_before_it_and_no_later_one() {
+    fn an_fsync_hurries_what_its_change_waits_for_and_nothing_unrelated() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j.db");
         let mut journal = Journal::open(&path).unwrap();
         let later = now() + std::time::Duration::from_secs(600);
         journal.record("a", put("f1"), false, later).unwrap();
+        let marker = Change::PutDir { attrs: attrs() };
+        journal.record("d", marker, false, later).unwrap();
+        journal.record("e", put("f2"), false, later).unwrap();
         let fsynced = journal
-            .record("b", put("f2"), false, now())
+            .record("d/x", put("f3"), false, later)
             .unwrap()
             .unwrap();
-        journal.record("c", put("f3"), false, later).unwrap();
-        assert_eq!(journal.take_runnable(now(), 10).len(), 1, "only b is due");
-        journal.hurry_up_to(fsynced).unwrap();
+        journal.record("c", put("f4"), false, later).unwrap();
+        assert!(
+            journal.take_runnable(now(), 10).is_empty(),
+            "nothing is due"
+        );
+        journal.hurry_with_predecessors(&[fsynced]).unwrap();
         let due: Vec<String> = journal
             .take_runnable(now(), 10)
             .into_iter()
             .map(|e| e.key)
             .collect();
-        assert_eq!(due, ["a"], "a is due now, c still waits");
-        // On disk too: a restart finds a due.
+        assert_eq!(due, ["d"], "d's marker first; a, e and c still wait");
         drop(journal);
         let mut reopened = Journal::open(&path).unwrap();
         let due: Vec<String> = reopened
@@ -860,7 +883,8 @@ mod tests {
             .into_iter()
             .map(|e| e.key)
             .collect();
-        assert_eq!(due, ["a", "b"]);
+        assert_eq!(due, ["d"], "after a restart too");
+        assert!(reopened.is_pending(fsynced));
     }
 
     #[test]
@@ -990,7 +1014,7 @@ mod tests {
                 _ => match next(20) {
                     0 => journal.hurry_all().unwrap(),
                     1 => journal.discard(&key).unwrap(),
-                    _ => journal.hurry_up_to(next(step + 1)).unwrap(),
+                    _ => journal.hurry_with_predecessors(&[next(step + 1)]).unwrap(),
                 },
             }
             assert_eq!(

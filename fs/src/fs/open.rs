@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use super::direct::{DirectWriteCheck, OpenIntent, Route};
 use super::reply::Opened;
 use super::{Filesystem, blocking};
-use crate::error::FsResult;
+use crate::error::{FsError, FsResult};
 
 impl Filesystem {
     pub(super) fn new_handle(&self, ino: u64) -> u64 {
@@ -76,8 +76,9 @@ impl Filesystem {
         Ok(())
     }
 
-    /// fsync: returns once the file (and every change before it) is in the store, or with
-    /// `fsync_local`, once it is on local disk.
+    /// fsync: returns once the file is in the store (with what its upload waits for: an earlier
+    /// change of its key, its directories' markers), or with `fsync_local`, once it is on local
+    /// disk. Unrelated changes made before it keep their write-back delay.
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {
         let ino = self.handle_ino(fh)?;
         let Some(data) = self.ns().get(ino).and_then(|i| i.file.clone()) else {
@@ -92,13 +93,36 @@ impl Filesystem {
             return self.update_change_log(|j| j.sync()).await;
         }
         match self.queue_upload(&data, false).await? {
-            Some(seq) => {
-                // Changes made before it wait for the fsync too: none waits out its delay.
-                self.update_change_log(move |j| j.hurry_up_to(seq)).await?;
-                self.wait_applied(seq).await
-            }
+            Some(seq) => self.wait_stored(vec![seq]).await,
             None => Ok(()),
         }
+    }
+
+    /// fsync of a directory: returns once the store holds the pending changes of its entries
+    /// (files made, removed or renamed in it), or with `fsync_local`, once the change log is on
+    /// local disk.
+    pub async fn fsyncdir(&self, ino: u64) -> FsResult<()> {
+        if self.config.fsync_local {
+            return self.update_change_log(|j| j.sync()).await;
+        }
+        let prefix = self.ns().dir_prefix(ino).ok_or(FsError::NotFound)?;
+        let pending: Vec<u64> = self.change_log().children(&prefix).map(|e| e.seq).collect();
+        self.wait_stored(pending).await
+    }
+
+    /// Makes the changes `seqs` due now, with what they wait for, and waits until the store
+    /// holds them.
+    async fn wait_stored(&self, seqs: Vec<u64>) -> FsResult<()> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let hurried = seqs.clone();
+        self.update_change_log(move |j| j.hurry_with_predecessors(&hurried))
+            .await?;
+        for seq in seqs {
+            self.wait_applied(seq).await?;
+        }
+        Ok(())
     }
 
     pub async fn release(&self, fh: u64) -> FsResult<()> {
@@ -129,6 +153,7 @@ impl Filesystem {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+    use std::time::Duration;
 
     use bytes::Bytes;
 
@@ -205,5 +230,53 @@ mod tests {
                 "round {round}: the store's {target} would stay"
             );
         }
+    }
+
+    /// An fsync waits for its own file, not for unrelated changes made before it, which keep
+    /// their write-back delay; an fsync of a directory waits for the changes of its entries.
+    #[tokio::test]
+    async fn an_fsync_waits_for_its_own_file_and_a_directory_fsync_for_its_entries() {
+        let store = Arc::new(MemoryStore::new());
+        let config = FsConfig {
+            writeback_delay: Duration::from_secs(600),
+            ..FsConfig::default()
+        };
+        let (fs, _cache) = test_mount(store.clone(), config);
+        fs.start_uploader();
+        let write = |name: &'static str, parent: u64| {
+            let fs = Arc::clone(&fs);
+            async move {
+                let (_, opened) = fs
+                    .create(parent, name.as_ref(), 0o644, 0, 0, 0, 0)
+                    .await
+                    .unwrap();
+                fs.write(opened.fh, 0, name.as_bytes()).await.unwrap();
+                opened.fh
+            }
+        };
+        let earlier = write("earlier", ROOT).await;
+        fs.release(earlier).await.unwrap();
+        let synced = write("synced", ROOT).await;
+        fs.fsync(synced).await.unwrap();
+        assert!(store.head("synced").await.is_ok(), "fsync returned: stored");
+        assert!(
+            store.head("earlier").await.is_err(),
+            "unrelated: still waiting"
+        );
+        fs.release(synced).await.unwrap();
+
+        let dir = fs
+            .mkdir(ROOT, "d".as_ref(), 0o755, 0, 0, 0)
+            .await
+            .unwrap()
+            .ino;
+        let inside = write("inside", dir).await;
+        fs.release(inside).await.unwrap();
+        fs.fsyncdir(dir).await.unwrap();
+        assert!(
+            store.head("d/inside").await.is_ok(),
+            "an entry of the directory"
+        );
+        assert!(store.head("earlier").await.is_err(), "not an entry of it");
     }
 }

@@ -9,13 +9,14 @@ use crate::fs::contents::FileData;
 use crate::store::{ErrorKind, StoreError};
 
 impl Filesystem {
-    /// Waits until the change `seq`, and every change before it, is in the store.
+    /// Waits until the change `seq` is in the store (and so every change it waited for: see
+    /// `Journal::take_runnable`).
     pub async fn wait_applied(&self, seq: u64) -> FsResult<()> {
         loop {
             let notified = self.progress.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if !self.change_log().pending_up_to(seq) {
+            if !self.change_log().is_pending(seq) {
                 return Ok(());
             }
             if let Some(why) = self.fenced() {
