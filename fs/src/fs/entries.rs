@@ -203,7 +203,7 @@ impl Filesystem {
         }
         {
             let _naming = self.naming.write().await;
-            self.log_change(&key, Change::Delete, in_store, false)
+            self.log_change(&key, Change::Delete, in_store, true)
                 .await?;
             // Gone, as this mount knows: a new file of this name needs no probe within the TTL.
             let mut ns = self.ns();
