@@ -466,6 +466,12 @@ impl fuser::Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let started = Instant::now();
+        if let Some(answer) = self.fs.flush_at_once(fh.0) {
+            answer_empty(reply, answer);
+            self.fs.metrics().fuse_operation("flush", started.elapsed());
+            return;
+        }
         self.spawn("flush", move |fs| async move {
             answer_empty(reply, fs.flush(fh.0).await)
         });
@@ -485,6 +491,14 @@ impl fuser::Filesystem for FuseAdapter {
         let mut backings = self.backings.lock().unwrap_or_else(|p| p.into_inner());
         backings.by_handle.remove(&fh.0);
         drop(backings);
+        let started = Instant::now();
+        if let Some(answer) = self.fs.release_at_once(fh.0) {
+            answer_empty(reply, answer);
+            self.fs
+                .metrics()
+                .fuse_operation("release", started.elapsed());
+            return;
+        }
         self.spawn("release", move |fs| async move {
             answer_empty(reply, fs.release(fh.0).await)
         });

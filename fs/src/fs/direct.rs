@@ -174,6 +174,11 @@ impl Filesystem {
     /// Uncounts a closed handle of `data`.
     pub(super) async fn count_closed(&self, data: &FileData, route: Route) {
         let mut content = data.content.lock().await;
+        Self::count_closed_locked(data, &mut content, route);
+    }
+
+    /// [`Self::count_closed`] under the file's lock.
+    pub(super) fn count_closed_locked(data: &FileData, content: &mut FileContents, route: Route) {
         tracing::debug!(ino = data.ino, ?route, "route closed");
         match route {
             Route::Opening => {}

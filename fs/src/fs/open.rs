@@ -65,6 +65,51 @@ impl Filesystem {
     }
 
     /// Close: the file's upload is scheduled after the write-back delay.
+    /// A close (FLUSH) answered on the spot, with no task, where it has nothing to record: the
+    /// file is clean (its lock free) and no one writes it directly. `None`: ask
+    /// [`Filesystem::flush`].
+    pub fn flush_at_once(&self, fh: u64) -> Option<FsResult<()>> {
+        let ino = match self.handle_ino(fh) {
+            Ok(ino) => ino,
+            Err(err) => return Some(Err(err)),
+        };
+        let Some(data) = self.ns().get(ino).and_then(|i| i.file.clone()) else {
+            return Some(Ok(()));
+        };
+        if data.direct_writers.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let content = data.content.try_lock().ok()?;
+        (!content.dirty()).then_some(Ok(()))
+    }
+
+    /// A release answered on the spot where it has nothing to record (see
+    /// [`Self::flush_at_once`]): a handle that does not write directly, of a clean file whose
+    /// lock is free. `None`: ask [`Filesystem::release`].
+    pub fn release_at_once(&self, fh: u64) -> Option<FsResult<()>> {
+        let (ino, route) = match self.handle_route(fh) {
+            Ok(found) => found,
+            Err(err) => return Some(Err(err)),
+        };
+        if route == Route::DirectWrites {
+            return None;
+        }
+        let Some(data) = self.ns().get(ino).and_then(|i| i.file.clone()) else {
+            self.handles.close(fh);
+            return Some(Ok(()));
+        };
+        let mut content = data.content.try_lock().ok()?;
+        if content.dirty() {
+            return None;
+        }
+        self.handles.close(fh);
+        Self::count_closed_locked(&data, &mut content, route);
+        if data.opens.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.drop_if_clean_locked(&data, &content);
+        }
+        Some(Ok(()))
+    }
+
     pub async fn flush(&self, fh: u64) -> FsResult<()> {
         let ino = self.handle_ino(fh)?;
         let Some(data) = self.ns().get(ino).and_then(|i| i.file.clone()) else {
@@ -278,5 +323,42 @@ mod tests {
             "an entry of the directory"
         );
         assert!(store.head("earlier").await.is_err(), "not an entry of it");
+    }
+
+    /// Closing a clean file is answered on the spot and lets its open state go with the last
+    /// handle; a changed file's close goes the long way, which records its upload.
+    #[tokio::test]
+    async fn closing_a_clean_file_is_answered_at_once_and_a_changed_one_is_not() {
+        let store = Arc::new(MemoryStore::new());
+        let body = Bytes::from_static(b"stored");
+        store
+            .put("clean", body, PutOptions::default())
+            .await
+            .unwrap();
+        let (fs, _cache) = test_mount(store, FsConfig::default());
+        let ino = fs.lookup(ROOT, "clean".as_ref()).await.unwrap().ino;
+        let fh = fs.open(ino, libc::O_RDONLY).await.unwrap().fh;
+        assert_eq!(&fs.read(fh, 0, 100).await.unwrap()[..], b"stored");
+        assert!(matches!(fs.flush_at_once(fh), Some(Ok(()))));
+        assert!(matches!(fs.release_at_once(fh), Some(Ok(()))));
+        assert!(fs.read(fh, 0, 1).await.is_err(), "the handle is gone");
+        assert!(
+            fs.ns().get(ino).unwrap().file.is_none(),
+            "no open state left"
+        );
+
+        let (made, opened) = fs
+            .create(ROOT, "changed".as_ref(), 0o644, 0, 0, 0, 0)
+            .await
+            .unwrap();
+        fs.write(opened.fh, 0, b"new").await.unwrap();
+        assert!(fs.flush_at_once(opened.fh).is_none());
+        assert!(fs.release_at_once(opened.fh).is_none());
+        fs.release(opened.fh).await.unwrap();
+        assert!(
+            fs.change_log().latest("changed").is_some(),
+            "its upload is recorded"
+        );
+        assert_eq!(fs.getattr(made.ino).await.unwrap().size, 3);
     }
 }

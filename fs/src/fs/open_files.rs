@@ -125,8 +125,13 @@ impl Filesystem {
 
     /// Frees a file's in-memory state once no one has it open and it is in the store.
     pub(super) async fn drop_if_clean(&self, data: &Arc<FileData>) {
-        let clean = !data.content.lock().await.dirty();
-        if !clean || data.opens.load(Ordering::Acquire) > 0 {
+        let content = data.content.lock().await;
+        self.drop_if_clean_locked(data, &content);
+    }
+
+    /// [`Self::drop_if_clean`] under the file's lock.
+    pub(super) fn drop_if_clean_locked(&self, data: &Arc<FileData>, content: &FileContents) {
+        if content.dirty() || data.opens.load(Ordering::Acquire) > 0 {
             return;
         }
         let mut ns = self.ns();
