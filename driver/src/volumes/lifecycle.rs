@@ -13,7 +13,7 @@ use crate::options::{Access, VolumeOptions};
 use crate::records::{self, VolumeRecord};
 use crate::supervisor::{self, MountCommand};
 
-pub(super) fn show_options(options: &BTreeMap<String, String>) -> String {
+fn show_options(options: &BTreeMap<String, String>) -> String {
     options
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
@@ -24,7 +24,7 @@ pub(super) fn show_options(options: &BTreeMap<String, String>) -> String {
 impl Driver {
     /// Refuses `access=exclusive` on a store that ignores conditional puts: a lease there would
     /// protect nothing.
-    pub(super) async fn check_exclusive(&self, store_name: &str) -> Result<(), DriverError> {
+    async fn check_exclusive(&self, store_name: &str) -> Result<(), DriverError> {
         let store = self.named_store(store_name)?;
         let honours = store
             .honours_conditions
@@ -43,7 +43,7 @@ impl Driver {
     }
 
     /// Refuses early, with the holder's name, a Mount of a volume another host holds.
-    pub(super) async fn check_lease(
+    async fn check_lease(
         &self,
         name: &VolumeName,
         options: &VolumeOptions,
@@ -171,7 +171,7 @@ impl Driver {
     }
 
     /// Deletes every object of a volume's own folder in its store.
-    pub(super) async fn delete_data(
+    async fn delete_data(
         &self,
         record: &VolumeRecord,
         options: &VolumeOptions,
@@ -226,7 +226,7 @@ impl Driver {
     }
 
     /// Makes sure a live mount process serves the volume, starting one if needed.
-    pub(super) async fn ensure_mounted(
+    async fn ensure_mounted(
         &self,
         name: &VolumeName,
         record: &VolumeRecord,

@@ -12,14 +12,14 @@ use crate::records::{self, VolumeRecord};
 use crate::snapshots::Snapshot;
 
 /// A snapshot name: the rules of a volume name.
-pub(super) fn snapshot_name(text: &str) -> Result<VolumeName, DriverError> {
+fn snapshot_name(text: &str) -> Result<VolumeName, DriverError> {
     VolumeName::parse(text)
         .map_err(|why| DriverError::Invalid(why.replace("volume name", "snapshot name")))
 }
 
 /// Asks the mount process on `mountpoint` to upload everything, and waits until it has (at
 /// most ten minutes).
-pub(super) async fn flush_mount(mountpoint: &Path) -> Result<(), String> {
+async fn flush_mount(mountpoint: &Path) -> Result<(), String> {
     let flushed = cairn_fs::control::client::flush(mountpoint, |_| {});
     match tokio::time::timeout(Duration::from_secs(600), flushed).await {
         Ok(flushed) => flushed.map_err(|e| e.to_string()),

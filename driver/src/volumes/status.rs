@@ -34,7 +34,7 @@ pub struct VolumeInfo {
 }
 
 /// Bytes the files under `dir` take on disk.
-pub(super) fn disk_usage(dir: &Path) -> u64 {
+fn disk_usage(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
@@ -183,7 +183,7 @@ impl Driver {
 
     /// Drops registry entries of `store_name` whose records another host removed (unless mounted
     /// here).
-    pub(super) async fn forget_removed_elsewhere(
+    async fn forget_removed_elsewhere(
         &self,
         store_name: &str,
         known: &[VolumeRecord],

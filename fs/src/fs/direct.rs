@@ -235,7 +235,7 @@ impl Filesystem {
 
     /// [`Self::note_direct_writes`] under the file's lock. Returns the cache file's
     /// modification time if the file counts as changed.
-    pub(super) fn note_direct_writes_locked(
+    fn note_direct_writes_locked(
         &self,
         data: &FileData,
         content: &mut FileContents,

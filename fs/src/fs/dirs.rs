@@ -146,7 +146,7 @@ impl Filesystem {
     /// a delimiter: if everything below fits in one page, that listing answers for the
     /// directories inside too. (One page only: s3rver, for one, loses keys across the pages of a
     /// listing without a delimiter, `a.rs` beside a full `a/`.)
-    pub(super) async fn list_store(
+    async fn list_store(
         &self,
         prefix: &str,
         at: (Instant, u64),
@@ -172,7 +172,7 @@ impl Filesystem {
     /// A listing of `dir` made `at` showed these names as the mount knows them (the same
     /// version of a file, a directory as a directory): trust them afresh, so that the lookups
     /// of an `ls -l` or `rm -r` that follows need not ask the store about each name again.
-    pub(super) fn confirm_children(
+    fn confirm_children(
         &self,
         dir: u64,
         prefix: &str,
@@ -248,7 +248,7 @@ impl Filesystem {
 
     /// The entries of directory `ino`, "." and ".." first: one listing of the store (unless
     /// one made within the TTL still stands), each entry's attributes fetched in parallel.
-    pub(super) async fn list_dir(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
+    async fn list_dir(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
         let lately = self.listed_lately(ino);
         let from_store = lately.is_none();
         // When the listing was made (the store's answer may come from a listing of a
@@ -363,7 +363,7 @@ mod tests {
     /// A name another host made shows up once the TTL has passed, even right after a lookup of
     /// another name listed the directory again (that listing installs only the name asked for).
     #[tokio::test]
-    pub(super) async fn a_name_made_elsewhere_is_found_after_a_relist_for_another_name() {
+    async fn a_name_made_elsewhere_is_found_after_a_relist_for_another_name() {
         let store = Arc::new(MemoryStore::new());
         let put = |key: &'static str| {
             let store = store.clone();
@@ -416,7 +416,7 @@ mod tests {
     }
 
     /// The names of directory `ino`, as a read of it shows them.
-    pub(super) async fn names_in(fs: &Filesystem, ino: u64) -> Vec<String> {
+    async fn names_in(fs: &Filesystem, ino: u64) -> Vec<String> {
         let fh = fs.opendir(ino).await.unwrap();
         let entries = fs.readdir(fh, 0).await.unwrap();
         fs.releasedir(fh);
@@ -427,7 +427,7 @@ mod tests {
     /// inside are answered from that listing within the TTL. A directory made inside after the
     /// listing shows, even once its marker is in the store (and so out of the change log).
     #[tokio::test]
-    pub(super) async fn a_small_tree_is_listed_once() {
+    async fn a_small_tree_is_listed_once() {
         use crate::store::faults::{FaultyStore, Op};
         let memory = Arc::new(MemoryStore::new());
         for key in ["t/a/x", "t/a/y", "t/b/z", "t/b/c/w", "t/top"] {
@@ -472,7 +472,7 @@ mod tests {
     /// A listing slower than the TTL still confirms the names it shows (as of its end): an
     /// `ls -l` of a big directory on a slow store does not ask about each name again.
     #[tokio::test]
-    pub(super) async fn a_listing_slower_than_the_ttl_confirms_what_it_shows() {
+    async fn a_listing_slower_than_the_ttl_confirms_what_it_shows() {
         use crate::store::faults::{FaultyStore, Op};
         let memory = Arc::new(MemoryStore::new());
         for n in 0..5 {

@@ -22,14 +22,14 @@ use crate::journal::Change;
 
 impl Filesystem {
     /// Fails with EEXIST if `name` exists in `parent`; returns the new entry's key.
-    pub(super) async fn vacant(&self, parent: u64, name: &str) -> FsResult<String> {
+    async fn vacant(&self, parent: u64, name: &str) -> FsResult<String> {
         if self.resolve(parent, name).await?.is_some() {
             return Err(FsError::Exists);
         }
         Self::child_key(&self.ns(), parent, name)
     }
 
-    pub(super) fn new_attrs(kind: Kind, mode: u32, umask: u32, uid: u32, gid: u32) -> Attrs {
+    fn new_attrs(kind: Kind, mode: u32, umask: u32, uid: u32, gid: u32) -> Attrs {
         Attrs {
             mode: kind.type_bits() | (mode & !umask & 0o7777),
             uid,
@@ -69,7 +69,7 @@ impl Filesystem {
 
     /// Adds a new name to the tree, then records its creation: in that order, so that the
     /// uploader always finds the inode to tell what the store now holds.
-    pub(super) async fn add_entry(
+    async fn add_entry(
         &self,
         parent: u64,
         name: &str,

@@ -9,7 +9,7 @@ use crate::store::{ErrorKind, SharedStore, StoreExt};
 
 /// How long after the store failed to answer lookups and listings stop asking it; then one
 /// request in the background looks again (and the uploader's first success ends it early).
-pub(super) const STORE_DOWN_GRACE: Duration = Duration::from_secs(10);
+const STORE_DOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// How long a lookup or listing waits for the store before answering from what the mount knows.
 pub(super) const METADATA_BUDGET: Duration = Duration::from_secs(10);

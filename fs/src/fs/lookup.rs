@@ -42,7 +42,7 @@ pub(super) enum Known {
 }
 
 /// The most names a directory's last listing may have held for a miss there to list it again.
-pub(super) const RELIST_LIMIT: usize = 10_000;
+const RELIST_LIMIT: usize = 10_000;
 
 impl Filesystem {
     pub(super) fn attr_of(inode: &Inode) -> Attr {
@@ -113,13 +113,7 @@ impl Filesystem {
     }
 
     /// Records what a probe found under `parent`/`name` and returns the inode number.
-    pub(super) fn install(
-        &self,
-        ns: &mut Namespace,
-        parent: u64,
-        name: &str,
-        found: StoreEntry,
-    ) -> u64 {
+    fn install(&self, ns: &mut Namespace, parent: u64, name: &str, found: StoreEntry) -> u64 {
         if let Some(ino) = ns.child(parent, name) {
             let inode = ns.get_mut(ino).expect("a child is a live inode");
             if inode.file.is_some() {
@@ -164,7 +158,7 @@ impl Filesystem {
     }
 
     /// The size a pending change gives its key.
-    pub(super) async fn pending_size(&self, change: &Change) -> u64 {
+    async fn pending_size(&self, change: &Change) -> u64 {
         match change {
             Change::PutFile { cache_file, .. } => {
                 let path = self.cache.path_of(cache_file);
@@ -406,7 +400,7 @@ impl Filesystem {
 
     /// Whether a miss in `dir` is answered by listing it again rather than by a probe: it was
     /// listed in full before (or made here), and its last listing was small.
-    pub(super) fn relists(&self, dir: u64) -> bool {
+    fn relists(&self, dir: u64) -> bool {
         self.ns()
             .get(dir)
             .is_some_and(|d| d.listed && d.listed_names <= RELIST_LIMIT)

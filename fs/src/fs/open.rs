@@ -210,7 +210,7 @@ mod tests {
 
     /// Creates `name`, writes it and closes it (FLUSH); its RELEASE comes a little later, in a
     /// task of its own, as the kernel sends it.
-    pub(super) async fn closed_then_released_later(
+    async fn closed_then_released_later(
         fs: &Arc<Filesystem>,
         name: &str,
         round: usize,
@@ -234,7 +234,7 @@ mod tests {
     /// next call removes the file: the release must not put the file's contents back in the
     /// change log under the name just removed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    pub(super) async fn a_release_racing_an_unlink_does_not_bring_the_file_back() {
+    async fn a_release_racing_an_unlink_does_not_bring_the_file_back() {
         let (fs, _cache) = test_mount(Arc::new(MemoryStore::new()), FsConfig::default());
         for round in 0..400 {
             let name = format!("f{round}");
@@ -253,7 +253,7 @@ mod tests {
     /// contents under the new name as if the store had nothing there, or deleting that name
     /// later would leave the store's old object in place.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    pub(super) async fn a_release_racing_a_rename_keeps_the_replaced_object_known() {
+    async fn a_release_racing_a_rename_keeps_the_replaced_object_known() {
         let store = Arc::new(MemoryStore::new());
         let (fs, _cache) = test_mount(store.clone(), FsConfig::default());
         for round in 0..400 {

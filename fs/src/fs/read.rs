@@ -26,13 +26,13 @@ use crate::namespace::Remote;
 use crate::store::{ErrorKind, GetOptions};
 
 /// The largest read served on an async worker when the page cache holds it (a copy, no I/O).
-pub(super) const IN_MEMORY_READ_LIMIT: u64 = 128 << 10;
+const IN_MEMORY_READ_LIMIT: u64 = 128 << 10;
 
 /// `range` of a cache file if the page cache holds all of it, read without waiting on the disk
 /// (`RWF_NOWAIT`): a read of data in memory then needs no hop to a blocking thread. None when
 /// some of it would need the disk (or the range is large): read it with [`read_at`] off the
 /// async workers.
-pub(super) fn read_if_in_memory(file: &File, range: Range<u64>) -> Option<Vec<u8>> {
+fn read_if_in_memory(file: &File, range: Range<u64>) -> Option<Vec<u8>> {
     let len = range.end - range.start;
     if len > IN_MEMORY_READ_LIMIT {
         return None;
@@ -326,7 +326,7 @@ impl Filesystem {
 
     /// `range` of a clean file read from the store without caching it (the cache disk is full
     /// of changes not yet uploaded); `None` when the file has changes of its own.
-    pub(super) async fn read_uncached(
+    async fn read_uncached(
         &self,
         key: &str,
         content: &FileContents,
@@ -344,7 +344,7 @@ impl Filesystem {
     }
 
     /// Drops cached contents of a clean file and takes the store's current version.
-    pub(super) async fn refresh(&self, ino: u64, data: &FileData) -> FsResult<()> {
+    async fn refresh(&self, ino: u64, data: &FileData) -> FsResult<()> {
         let key = self.key_of(ino)?;
         let info = self.store.head(&self.fetch_key(&key)).await?;
         let mut content = data.content.lock().await;
@@ -381,7 +381,7 @@ mod tests {
     /// A read is answered on the spot only once the cache file holds what it asks for (and all
     /// the stored bytes after it): before, it goes the long way, which fetches.
     #[tokio::test]
-    pub(super) async fn a_read_is_answered_at_once_only_from_the_cache_file() {
+    async fn a_read_is_answered_at_once_only_from_the_cache_file() {
         let memory = Arc::new(MemoryStore::new());
         let bytes: Vec<u8> = (0..8 << 20).map(|i| (i % 251) as u8).collect();
         let body = Bytes::from(bytes.clone());
@@ -413,7 +413,7 @@ mod tests {
     /// Bytes the page cache holds are read on the spot; a read past the end, or a large one,
     /// goes to a blocking thread.
     #[test]
-    pub(super) fn data_in_memory_is_read_without_a_blocking_thread() {
+    fn data_in_memory_is_read_without_a_blocking_thread() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cached");
         let bytes: Vec<u8> = (0..64 << 10).map(|i| (i % 251) as u8).collect();

@@ -142,7 +142,7 @@ impl Filesystem {
 
     /// What a renamed file becomes at its new key: its local version (contents in a cache file,
     /// or a symlink), or a copy of its object in the store.
-    pub(super) async fn moved_version(&self, ino: u64, key: &str) -> FsResult<Change> {
+    async fn moved_version(&self, ino: u64, key: &str) -> FsResult<Change> {
         let (attrs, remote, data, target) = {
             let ns = self.ns();
             let inode = ns.get(ino).ok_or(FsError::NotFound)?;
@@ -218,7 +218,7 @@ impl Filesystem {
     }
 
     /// Waits until the pending changes of `key` are in the store (at most a minute).
-    pub(super) async fn wait_until_stored(&self, key: &str) -> FsResult<()> {
+    async fn wait_until_stored(&self, key: &str) -> FsResult<()> {
         let name = key.to_string();
         self.update_change_log(move |j| j.hurry(&name)).await?;
         self.wake.notify_one();
@@ -238,7 +238,7 @@ impl Filesystem {
 
     /// Copies every object under `from/` to `to/`, then deletes the originals. Not atomic: a
     /// reader elsewhere may see both trees, or part of the new one, while it runs.
-    pub(super) async fn rename_dir(&self, from: &str, to: &str) -> FsResult<()> {
+    async fn rename_dir(&self, from: &str, to: &str) -> FsResult<()> {
         let (from, to) = (format!("{from}/"), format!("{to}/"));
         // Pages kept from a listing of a tree above would still show the old names.
         self.listings().clear();
@@ -289,7 +289,7 @@ mod tests {
     /// here by putting the store in the state the copy and the delete leave while the request
     /// waits.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    pub(super) async fn an_append_racing_the_copy_of_a_renamed_file_finds_its_bytes() {
+    async fn an_append_racing_the_copy_of_a_renamed_file_finds_its_bytes() {
         use crate::store::faults::{FaultyStore, Op};
         let memory = Arc::new(MemoryStore::new());
         let put = |key: &'static str| {

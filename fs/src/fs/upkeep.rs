@@ -15,10 +15,10 @@ use crate::fs::direct::DirectWriteCheck;
 use crate::fs::{Filesystem, blocking};
 
 /// The longest the uploader trusts an unchanged cache disk to mean an unchanged cache.
-pub(super) const CACHE_RECOUNT_AT_LEAST_EVERY: Duration = Duration::from_secs(30);
+const CACHE_RECOUNT_AT_LEAST_EVERY: Duration = Duration::from_secs(30);
 
 /// Evicted beyond what a write or read needs, so the next ones find room.
-pub(super) const ROOM_SLACK: u64 = 8 << 20;
+const ROOM_SLACK: u64 = 8 << 20;
 
 /// What upkeep counted last: changed bytes, and the cache disk's free bytes.
 #[derive(Debug, Default)]
@@ -111,7 +111,7 @@ impl Filesystem {
     /// size. Files open here or named by a pending change stay. The check and the removal happen
     /// under the open-files lock, so no file is opened, written or recorded in the change log
     /// between them (a file removed while a writer reopened it would lose that write).
-    pub(super) async fn evict(&self) -> FsResult<()> {
+    async fn evict(&self) -> FsResult<()> {
         let (cache, limit) = (self.cache.clone(), self.config.cache_size);
         let last = self.upkeep.last_count();
         let counted = blocking(move || {
@@ -173,11 +173,7 @@ impl Filesystem {
 
     /// Removes `candidates` not in use, in order, until `excess` bytes are freed. A file may
     /// have been opened since the candidates were listed: whether it is in use is decided here.
-    pub(super) async fn evict_among(
-        &self,
-        mut excess: u64,
-        candidates: Vec<Evictable>,
-    ) -> FsResult<()> {
+    async fn evict_among(&self, mut excess: u64, candidates: Vec<Evictable>) -> FsResult<()> {
         let registry = self.files.lock().await;
         let referenced = self.referenced_cache_files();
         let mut victims = Vec::new();
@@ -215,7 +211,7 @@ mod tests {
     /// whether a file is in use is decided when it is removed, not when the candidates were
     /// listed (the stress test once lost such a write).
     #[tokio::test]
-    pub(super) async fn eviction_spares_a_file_reopened_after_the_candidates_were_listed() {
+    async fn eviction_spares_a_file_reopened_after_the_candidates_were_listed() {
         let cache_dir = tempfile::tempdir().unwrap();
         let store = Arc::new(MemoryStore::new());
         let config = FsConfig {

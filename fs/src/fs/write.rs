@@ -17,12 +17,12 @@ use crate::error::{FsError, FsResult};
 use crate::journal::Change;
 
 /// How long a write on a full cache disk waits for uploads to free room before ENOSPC.
-pub(super) const ROOM_WAIT: Duration = Duration::from_secs(30);
+const ROOM_WAIT: Duration = Duration::from_secs(30);
 
 impl Filesystem {
     /// Whether a file about to change may keep its unfetched bytes in the store: it is large,
     /// its object is under its own key (no rename is pending), and it is not all cached.
-    pub(super) fn may_stay_partial(&self, key: &str, content: &FileContents, size: u64) -> bool {
+    fn may_stay_partial(&self, key: &str, content: &FileContents, size: u64) -> bool {
         let base_end = content.remote_limit().min(size);
         !key.is_empty()
             && content.etag().is_some()

@@ -30,7 +30,7 @@ mod wait;
 pub(super) const STORE_PAUSE_CEILING: Duration = Duration::from_secs(30);
 
 /// The most deletes one request applies (S3's limit for DeleteObjects).
-pub(super) const DELETE_BATCH: usize = 1000;
+const DELETE_BATCH: usize = 1000;
 
 /// How the uploader is doing, for reports and `cairn flush`.
 #[derive(Debug, Clone, Default)]
@@ -129,7 +129,7 @@ impl Filesystem {
         tokio::spawn(async move { fs.run_uploader().await })
     }
 
-    pub(super) async fn run_uploader(self: Arc<Self>) {
+    async fn run_uploader(self: Arc<Self>) {
         let in_flight = Arc::new(AtomicUsize::new(0));
         let mut last_tick = Instant::now();
         loop {
@@ -193,7 +193,7 @@ impl Filesystem {
     }
 
     /// Runs `work` as one of the uploader's requests in flight, and wakes the uploader after.
-    pub(super) fn spawn_counted(
+    fn spawn_counted(
         self: &Arc<Self>,
         in_flight: &Arc<AtomicUsize>,
         work: impl std::future::Future<Output = ()> + Send + 'static,
@@ -265,7 +265,7 @@ mod tests {
     use crate::store::memory::MemoryStore;
 
     /// Creates files `f0`, `f1`... in the root, each holding "x", and closes them.
-    pub(super) async fn write_files(fs: &Filesystem, count: usize) {
+    async fn write_files(fs: &Filesystem, count: usize) {
         let flags = libc::O_WRONLY | libc::O_CREAT;
         for n in 0..count {
             let name = format!("f{n}");
@@ -281,7 +281,7 @@ mod tests {
     /// While the store does not answer, the uploader sends one request at a time, spaced out,
     /// not one for each of the 50 waiting changes; everything lands once it answers again.
     #[tokio::test]
-    pub(super) async fn a_store_that_does_not_answer_gets_requests_spaced_out() {
+    async fn a_store_that_does_not_answer_gets_requests_spaced_out() {
         use crate::store::faults::{FaultyStore, Op};
         let memory = Arc::new(MemoryStore::new());
         let faulty = Arc::new(FaultyStore::new(memory.clone()));
@@ -306,7 +306,7 @@ mod tests {
 
     /// Deletes due together (an `rm -r`) reach the store in one request, not one each.
     #[tokio::test]
-    pub(super) async fn deletes_due_together_go_in_one_request() {
+    async fn deletes_due_together_go_in_one_request() {
         use crate::store::faults::{FaultyStore, Op};
         let memory = Arc::new(MemoryStore::new());
         let faulty = Arc::new(FaultyStore::new(memory.clone()));

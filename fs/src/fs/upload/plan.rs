@@ -6,7 +6,7 @@ use std::ops::Range;
 use crate::cache::Partial;
 
 /// The largest part S3 takes (a copied part may be this large).
-pub(super) const MAX_PART: u64 = 5 << 30;
+const MAX_PART: u64 = 5 << 30;
 
 /// The parts of a multipart upload of `size` bytes: ranges of `part_size`, and for a partial
 /// file, whether each is copied from its base version inside the store. Neighbouring parts the
@@ -42,7 +42,7 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     #[test]
-    pub(super) fn unchanged_neighbouring_parts_are_copied_as_one() {
+    fn unchanged_neighbouring_parts_are_copied_as_one() {
         let mut changed = RangeSet::default();
         changed.insert(20 * MIB..20 * MIB + 16);
         let partial = Partial {

@@ -229,7 +229,7 @@ impl Filesystem {
 
     /// The bytes `range` of a file to upload: from its snapshot, and for a partial file, the
     /// base version's bytes where the snapshot has none.
-    pub(super) async fn read_part(
+    async fn read_part(
         &self,
         key: &str,
         file: &Arc<std::fs::File>,
@@ -278,7 +278,7 @@ mod tests {
     /// first, so the store gets the version of the close, whole, and then the new one; the
     /// uploaded file is never copied when no one writes.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    pub(super) async fn a_write_during_the_upload_of_a_file_goes_to_a_copy() {
+    async fn a_write_during_the_upload_of_a_file_goes_to_a_copy() {
         use crate::store::faults::{FaultyStore, Op};
         let memory = Arc::new(MemoryStore::new());
         let faulty = Arc::new(FaultyStore::new(memory.clone()));

@@ -146,7 +146,7 @@ impl Filesystem {
     }
 
     /// Deletes a cache file that no pending change names and no open file uses.
-    pub(super) async fn discard_if_unneeded(&self, cache_file: &str) {
+    async fn discard_if_unneeded(&self, cache_file: &str) {
         let registry = self.files.lock().await;
         let open = registry
             .get(cache_file)
@@ -281,7 +281,7 @@ mod tests {
     /// A file renamed over one whose upload is on its way reads as itself after that upload
     /// lands and before its own copy does (the stress test once read the old file's bytes).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    pub(super) async fn a_file_renamed_over_one_being_uploaded_reads_as_itself() {
+    async fn a_file_renamed_over_one_being_uploaded_reads_as_itself() {
         use crate::store::faults::{FaultyStore, Op};
         let memory = Arc::new(MemoryStore::new());
         memory
