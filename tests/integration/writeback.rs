@@ -240,7 +240,7 @@ fn objects_are_never_torn_while_the_application_keeps_writing() {
 fn writes_keep_working_while_the_s3_server_is_away() {
     let server = S3Server::shared();
     let relay = Relay::start(server.port());
-    let spec = through(&server, &relay, "offline");
+    let spec = through(server, &relay, "offline");
     let mut volume = Volume::mount(&spec, &["--writeback-delay", "0", "--metadata-ttl", "0.5"]);
     fs::create_dir(volume.path("docs")).unwrap();
     fs::write(volume.path("docs/kept.txt"), b"written while online").unwrap();
@@ -293,7 +293,7 @@ fn a_small_change_to_a_large_file_moves_little_data() {
     const MIB: usize = 1 << 20;
     let server = S3Server::shared();
     let relay = Relay::start(server.port());
-    let spec = through(&server, &relay, "bigedit");
+    let spec = through(server, &relay, "bigedit");
     let mut original: Vec<u8> = (0..48 * MIB).map(|i| (i % 253) as u8).collect();
     let volume = Volume::mount(&spec, &["--writeback-delay", "0"]);
     volume
@@ -328,7 +328,7 @@ fn a_small_change_to_a_large_file_moves_little_data() {
 fn a_file_renamed_twice_while_the_store_is_away_arrives_under_its_last_name() {
     let server = S3Server::shared();
     let relay = Relay::start(server.port());
-    let spec = through(&server, &relay, "twice");
+    let spec = through(server, &relay, "twice");
     let volume = Volume::mount(&spec, &["--writeback-delay", "0"]);
     fs::write(volume.path("draft.txt"), b"the only copy of this text").unwrap();
     volume.flush();
@@ -396,7 +396,7 @@ fn the_only_writer_keeps_working_anywhere_it_listed_while_the_s3_server_is_away(
     use std::collections::BTreeMap;
     let server = S3Server::shared();
     let relay = Relay::start(server.port());
-    let spec = through(&server, &relay, "onlywriter");
+    let spec = through(server, &relay, "onlywriter");
     // A short TTL, which the only writer's own knowledge outlives (it sets the kernel's).
     let flags = [
         "--only-writer",
