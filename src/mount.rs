@@ -301,16 +301,6 @@ async fn serve(args: MountArgs, state_dir: &Path) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     eprintln!("mounted {spec} on {}", args.mountpoint.display());
-    if args.only_writer {
-        let fs = Arc::clone(mounted.filesystem());
-        tokio::spawn(async move {
-            if let Err(err) = fs.know_the_root().await {
-                tracing::warn!(
-                    "listing the root: {err}; a new name there asks the store until it answers"
-                );
-            }
-        });
-    }
     let lease = lease.map(|held| Arc::new(tokio::sync::Mutex::new(Some(held))));
     let renewal = lease.as_ref().map(|held| {
         let fs = Arc::clone(mounted.filesystem());

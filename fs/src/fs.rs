@@ -248,3 +248,17 @@ pub(crate) fn test_mount(
     let fs = Filesystem::new(store, cache, config).unwrap();
     (Arc::new(fs), cache_dir)
 }
+
+/// An in-memory store holding `objects` (key, body), for unit tests.
+#[cfg(test)]
+pub(crate) async fn store_holding(
+    objects: &[(&str, &[u8])],
+) -> Arc<crate::store::memory::MemoryStore> {
+    use crate::store::{PutOptions, Store};
+    let store = Arc::new(crate::store::memory::MemoryStore::new());
+    for (key, body) in objects {
+        let body = bytes::Bytes::copy_from_slice(body);
+        store.put(key, body, PutOptions::default()).await.unwrap();
+    }
+    store
+}

@@ -76,6 +76,17 @@ pub fn mount(
     let fs = Arc::new(fs);
     let _enter = runtime.enter();
     let uploader = fs.start_uploader();
+    if fs.config().only_writer {
+        // The only writer knows its root from the start (see `Filesystem::know_the_root`).
+        let fs = Arc::clone(&fs);
+        tokio::spawn(async move {
+            if let Err(err) = fs.know_the_root().await {
+                tracing::warn!(
+                    "listing the root: {err}; a new name there asks the store until it answers"
+                );
+            }
+        });
+    }
     let control = crate::control::serve(Arc::clone(&fs), mountpoint).map_err(|source| {
         MountError::Control {
             path: crate::control::socket_path(mountpoint),

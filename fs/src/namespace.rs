@@ -56,6 +56,14 @@ impl<F> Inode<F> {
     pub fn kind(&self) -> Kind {
         self.attrs.kind()
     }
+
+    /// A directory's listing made `at` held these `names`, of which only the one it was made
+    /// for (if any) became a child here: the rest answer lookups for the TTL.
+    pub fn keep_listing(&mut self, names: Arc<HashMap<String, Kind>>, at: Instant) {
+        self.listed_at = Some(at);
+        self.listed_names = names.len();
+        self.listed_kinds = Some(names);
+    }
 }
 
 #[derive(Debug)]

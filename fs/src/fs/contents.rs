@@ -196,6 +196,12 @@ impl FileContents {
         &self.routes
     }
 
+    /// Whether the file is changed and holds only part of its bytes (see [`Self::partial`]),
+    /// without copying what it holds.
+    pub(super) fn is_partial(&self) -> bool {
+        self.etag.is_some() && self.dirty && self.remote_limit > 0
+    }
+
     /// A changed file that holds only part of its bytes: the rest, below `remote_limit`, are
     /// those of the store's version `etag`.
     pub(super) fn partial(&self) -> Option<Partial> {
@@ -299,7 +305,7 @@ impl FileContents {
 
     /// `range` was written; the file is `size` bytes long now.
     pub(super) fn wrote(&mut self, range: Range<u64>, size: u64) {
-        if self.partial().is_some() {
+        if self.is_partial() {
             self.present.insert(range.clone());
             self.changed.insert(range);
         } else {
@@ -314,7 +320,7 @@ impl FileContents {
 
     /// Cut to `size` bytes.
     pub(super) fn truncated(&mut self, size: u64) {
-        if self.partial().is_some() {
+        if self.is_partial() {
             self.present.truncate(size);
             self.changed.truncate(size);
         } else {

@@ -113,7 +113,7 @@ impl Filesystem {
         } else if content.routes().through_mount > 0 || !self.passthrough.load(Ordering::Acquire) {
             false
         } else {
-            let whole = content.partial().is_none() && content.present().contains(0..size);
+            let whole = !content.is_partial() && content.present().contains(0..size);
             whole
                 && match open {
                     OpenIntent::Reads => true,

@@ -132,11 +132,8 @@ impl Filesystem {
     /// are kept as a lookup's relisting keeps them (no request per name).
     pub async fn know_the_root(&self) -> FsResult<()> {
         let (names, listed_at) = self.entries_of(ROOT).await?;
-        let mut ns = self.ns();
-        if let Some(root) = ns.get_mut(ROOT) {
-            root.listed_at = Some(listed_at);
-            root.listed_names = names.len();
-            root.listed_kinds = Some(Arc::new(names));
+        if let Some(root) = self.ns().get_mut(ROOT) {
+            root.keep_listing(Arc::new(names), listed_at);
         }
         Ok(())
     }

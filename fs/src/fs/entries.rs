@@ -194,7 +194,7 @@ impl Filesystem {
             // Still open somewhere: keep every byte locally, if the store can still give them.
             let mut content = data.content.lock().await;
             let size = data.size.load(Ordering::Acquire);
-            if content.partial().is_some() {
+            if content.is_partial() {
                 self.make_whole(&key, &mut content, size).await?;
             } else {
                 let _ = self.materialize(&key, &mut content, size).await;

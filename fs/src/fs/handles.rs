@@ -55,8 +55,8 @@ impl Handles {
         fh
     }
 
-    /// A file handle's number as a file open through a new handle, with its first read-ahead
-    /// window.
+    /// Opens a new handle of file `ino` with a first read-ahead window of `window` bytes;
+    /// returns its number.
     pub(super) fn open_file(&self, ino: u64, window: u64) -> u64 {
         self.open(Handle::File {
             ino,

@@ -311,9 +311,7 @@ impl Filesystem {
                     let names = Arc::new(names);
                     let mut ns = self.ns();
                     if let Some(dir) = ns.get_mut(parent) {
-                        dir.listed_at = Some(listed_at);
-                        dir.listed_names = names.len();
-                        dir.listed_kinds = Some(Arc::clone(&names));
+                        dir.keep_listing(Arc::clone(&names), listed_at);
                     }
                     if moved_on() {
                         continue;
@@ -422,13 +420,11 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use bytes::Bytes;
-
-    use crate::fs::{Filesystem, FsConfig, test_mount};
+    use crate::fs::{Filesystem, FsConfig, store_holding, test_mount};
     use crate::namespace::ROOT;
     use crate::store::faults::FaultyStore;
-    use crate::store::memory::MemoryStore;
-    use crate::store::{ErrorKind, PutOptions, Store, StoreError, StoreExt};
+
+    use crate::store::{ErrorKind, StoreError, StoreExt};
 
     /// Makes `name` in `parent` with `body`, and closes it.
     async fn make(
@@ -453,12 +449,7 @@ mod tests {
     /// the only writer has to ask the store about a new name in the root, and fails.
     #[tokio::test]
     async fn the_only_writer_goes_on_with_the_store_away() {
-        let memory = Arc::new(MemoryStore::new());
-        let old = Bytes::from_static(b"old");
-        memory
-            .put("kept", old, PutOptions::default())
-            .await
-            .unwrap();
+        let memory = store_holding(&[("kept", b"old")]).await;
         let faulty = Arc::new(FaultyStore::new(memory.clone()));
         let config = FsConfig {
             only_writer: true,

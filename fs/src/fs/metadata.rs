@@ -45,23 +45,17 @@ impl Filesystem {
             Ok(Known::Absent) => Some(Err(FsError::NotFound)),
             Ok(Known::Unsure { .. }) => None,
             Ok(Known::Found(ino)) => {
-                let attr = self.attr_at_once(ino)?;
+                let attr = self.getattr_at_once(ino)?;
                 self.count_lookup(ino);
                 Some(attr)
             }
         }
     }
 
-    /// A getattr answered on the spot where what the mount knows is trusted (see
-    /// [`Self::lookup_at_once`]). `None`: ask [`Filesystem::getattr`].
+    /// A getattr answered on the spot, where the mount may answer it without I/O: the inode is
+    /// trusted (or no longer in the tree), and not written by the kernel directly (whose size
+    /// the mount learns by looking at the cache file). `None`: ask [`Filesystem::getattr`].
     pub fn getattr_at_once(&self, ino: u64) -> Option<FsResult<Attr>> {
-        self.attr_at_once(ino)
-    }
-
-    /// The attributes of `ino` if the mount may answer them without I/O: trusted (or no longer
-    /// in the tree), and not written by the kernel directly (whose size the mount learns by
-    /// looking at the cache file).
-    fn attr_at_once(&self, ino: u64) -> Option<FsResult<Attr>> {
         let ns = self.ns();
         let Some(inode) = ns.get(ino) else {
             return Some(Err(FsError::NotFound));
@@ -211,26 +205,16 @@ impl Filesystem {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
-    use bytes::Bytes;
 
     use crate::error::FsError;
-    use crate::fs::{FsConfig, test_mount};
+    use crate::fs::{FsConfig, store_holding, test_mount};
     use crate::namespace::ROOT;
-    use crate::store::memory::MemoryStore;
-    use crate::store::{PutOptions, Store};
 
     /// Names made here, and names a directory made here does not hold, are answered on the
     /// spot; a name the mount has never seen waits for the store.
     #[tokio::test]
     async fn lookups_known_here_are_answered_at_once_and_others_go_to_the_store() {
-        let store = Arc::new(MemoryStore::new());
-        let body = Bytes::from_static(b"stored");
-        store
-            .put("elsewhere", body, PutOptions::default())
-            .await
-            .unwrap();
+        let store = store_holding(&[("elsewhere", b"stored")]).await;
         let (fs, _cache) = test_mount(store, FsConfig::default());
         let dir = fs.mkdir(ROOT, "d".as_ref(), 0o755, 0, 0, 0).await.unwrap();
         let (made, opened) = fs

@@ -202,7 +202,7 @@ mod tests {
 
     use bytes::Bytes;
 
-    use crate::fs::{Filesystem, FsConfig, test_mount};
+    use crate::fs::{Filesystem, FsConfig, store_holding, test_mount};
     use crate::journal::Change;
     use crate::namespace::ROOT;
     use crate::store::memory::MemoryStore;
@@ -329,12 +329,7 @@ mod tests {
     /// handle; a changed file's close goes the long way, which records its upload.
     #[tokio::test]
     async fn closing_a_clean_file_is_answered_at_once_and_a_changed_one_is_not() {
-        let store = Arc::new(MemoryStore::new());
-        let body = Bytes::from_static(b"stored");
-        store
-            .put("clean", body, PutOptions::default())
-            .await
-            .unwrap();
+        let store = store_holding(&[("clean", b"stored")]).await;
         let (fs, _cache) = test_mount(store, FsConfig::default());
         let ino = fs.lookup(ROOT, "clean".as_ref()).await.unwrap().ino;
         let fh = fs.open(ino, libc::O_RDONLY).await.unwrap().fh;

@@ -190,7 +190,7 @@ impl Filesystem {
         content: &mut FileContents,
         size: u64,
     ) -> FsResult<()> {
-        if content.partial().is_none() {
+        if !content.is_partial() {
             return Ok(());
         }
         self.materialize(key, content, size).await?;

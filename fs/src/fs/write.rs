@@ -129,9 +129,7 @@ impl Filesystem {
         let new_size = size.max(offset + len);
         let covered = content.changed_covers(offset..offset + len);
         content.wrote(offset..offset + len, new_size);
-        if let Some(partial) = content.partial()
-            && !covered
-        {
+        if !covered && let Some(partial) = content.partial() {
             // Recorded before the write returns: after a crash, the upload must know these
             // bytes are the file's own, not the base version's.
             let (cache, name) = (self.cache.clone(), content.cache_name().to_string());

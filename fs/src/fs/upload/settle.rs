@@ -196,7 +196,7 @@ impl Filesystem {
             {
                 present = content.uploaded(etag.clone(), size, partial.is_some());
                 clean = true;
-            } else if content.cache_name() == cache_file && content.partial().is_some() {
+            } else if content.cache_name() == cache_file && content.is_partial() {
                 rebased = content.rebase(etag.clone(), size.min(data.size.load(Ordering::Acquire)));
             }
         } else if later && let Some(partial) = &partial {
