@@ -289,6 +289,11 @@ async fn serve(args: MountArgs, state_dir: &Path) -> Result<(), String> {
         },
         cache_dir: cache_dir.clone(),
         source: format!("cairn:{spec}"),
+        // The one writer's fsyncs send what changed to the volume's fsync log.
+        fsync_log: lease
+            .as_ref()
+            .zip(args.lease_name.clone())
+            .map(|(held, volume)| (Arc::clone(held.store()), volume)),
     };
     // Handlers before the mount goes live: a SIGTERM from then on must drain, never kill.
     let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
@@ -299,6 +304,7 @@ async fn serve(args: MountArgs, state_dir: &Path) -> Result<(), String> {
         options,
         tokio::runtime::Handle::current(),
     )
+    .await
     .map_err(|e| e.to_string())?;
     eprintln!("mounted {spec} on {}", args.mountpoint.display());
     let lease = lease.map(|held| Arc::new(tokio::sync::Mutex::new(Some(held))));

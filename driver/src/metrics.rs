@@ -237,6 +237,12 @@ impl Collector for Mounts {
             |f| f.counters.direct_opens,
         )
         .encode(&mut encoder)?;
+        totals(
+            "fsyncs_logged",
+            "fsyncs made durable by one small record in the fsync log, not a whole upload",
+            |f| f.counters.fsyncs_logged,
+        )
+        .encode(&mut encoder)?;
 
         Family {
             name: "fuse_operation_seconds",

@@ -21,8 +21,8 @@
 //! - the operations: [`lookup`] (a name to an inode: what the mount knows, the change log, the
 //!   store), [`metadata`] (getattr, setattr, readlink), [`entries`] (create, mkdir, symlink,
 //!   unlink, rmdir), [`dirs`] (listings merged with pending changes, readdir), [`rename`],
-//!   [`open`] (open, flush, fsync, release), [`open_files`] (loading and dropping a file's open
-//!   state), [`read`] (and [`readahead`] in the background), [`write`] (writes, truncation,
+//!   [`open`] (open, flush, fsync, release), [`durable`] (fsync through the fsync log, and
+//!   folding it at mount), [`open_files`] (loading and dropping a file's open state), [`read`] (and [`readahead`] in the background), [`write`] (writes, truncation,
 //!   queueing an upload), [`direct`] (the kernel reading and writing cache files itself);
 //! - the background: [`upload`] (applying the change log) and [`upkeep`] (eviction, room).
 
@@ -30,6 +30,7 @@ mod config;
 mod contents;
 mod direct;
 mod dirs;
+mod durable;
 mod entries;
 mod handles;
 mod health;
@@ -124,6 +125,8 @@ pub struct Filesystem {
     listings: Mutex<listings::Listings>,
     /// The kernel agreed to read and write cache files itself (see `direct`).
     passthrough: AtomicBool,
+    /// The volume's fsync log, for its one writer (see `durable`).
+    fsync_log: Option<Arc<crate::fsync_log::FsyncLog>>,
 }
 
 /// Runs blocking file or SQLite work off the async workers.
@@ -165,6 +168,7 @@ impl Filesystem {
             upkeep: CacheUpkeep::default(),
             health: StoreHealth::default(),
             passthrough: AtomicBool::new(false),
+            fsync_log: None,
         };
         fs.remove_orphaned_cache_files()?;
         Ok(fs)

@@ -162,6 +162,11 @@ impl Lease {
         }
     }
 
+    /// The store root the lease lives in.
+    pub fn store(&self) -> &SharedStore {
+        &self.options.store
+    }
+
     pub fn record(&self) -> &LeaseRecord {
         &self.record
     }

@@ -7,6 +7,7 @@ pub mod cache;
 pub mod control;
 pub mod error;
 pub mod fs;
+pub mod fsync_log;
 pub mod fuse;
 pub mod journal;
 pub mod lease;

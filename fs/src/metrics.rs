@@ -63,6 +63,9 @@ pub struct MetricsSnapshot {
     /// Opens the kernel serves from the cache file itself, without this mount (passthrough).
     #[serde(default)]
     pub direct_opens: u64,
+    /// fsyncs made durable by one record in the fsync log instead of a whole upload.
+    #[serde(default)]
+    pub fsyncs_logged: u64,
 }
 
 /// The live counters of one mount.
@@ -102,6 +105,11 @@ impl Metrics {
     /// One open served by the kernel from the cache file itself.
     pub fn direct_open(&self) {
         self.counts().direct_opens += 1;
+    }
+
+    /// One fsync made durable by a record in the fsync log.
+    pub fn fsync_logged(&self) {
+        self.counts().fsyncs_logged += 1;
     }
 
     /// One read: from the cache alone (`true`) or partly from the store.

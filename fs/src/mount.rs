@@ -26,6 +26,10 @@ pub enum MountError {
     },
     #[error("uploading changes before unmounting: {0}")]
     Flush(FsError),
+    #[error(
+        "bringing the store up to date from the fsync log of the last mount: {0} (the store must answer before the volume is served; nothing was changed locally)"
+    )]
+    FsyncLog(FsError),
     #[error("cannot listen on the control socket {path}: {source}")]
     Control {
         path: PathBuf,
@@ -45,6 +49,10 @@ pub struct MountOptions {
     pub cache_dir: PathBuf,
     /// What `mount` shows as the source (never a secret).
     pub source: String,
+    /// For the volume's one writer (it holds the lease): the store root and the volume name
+    /// of its fsync log (see [`crate::fsync_log`]), folded into the store before the mount
+    /// serves anything.
+    pub fsync_log: Option<(SharedStore, String)>,
 }
 
 /// A live mount.
@@ -57,8 +65,8 @@ pub struct Mounted {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// Mounts `store` on `mountpoint`; requests are served on `runtime`.
-pub fn mount(
+/// Mounts `store` on `mountpoint`; requests are served on `runtime` (the caller's).
+pub async fn mount(
     store: SharedStore,
     mountpoint: &Path,
     options: MountOptions,
@@ -73,8 +81,12 @@ pub fn mount(
         path: options.cache_dir.clone(),
         source,
     })?;
+    let fs = match options.fsync_log {
+        Some((root, volume)) => fs.with_fsync_log(root, &volume),
+        None => fs,
+    };
     let fs = Arc::new(fs);
-    let _enter = runtime.enter();
+    fs.fold_fsync_log().await.map_err(MountError::FsyncLog)?;
     let uploader = fs.start_uploader();
     if fs.config().only_writer {
         // The only writer knows its root from the start (see `Filesystem::know_the_root`).
@@ -154,7 +166,10 @@ impl Mounted {
                 unmounted = Err(MountError::Unmount { path, source });
             }
         }
-        let drained = self.fs.drain(None).await.map_err(MountError::Flush);
+        let mut drained = self.fs.drain(None).await.map_err(MountError::Flush);
+        if drained.is_ok() {
+            drained = self.fs.clear_fsync_log().await.map_err(MountError::Flush);
+        }
         for task in &self.tasks {
             task.abort();
         }

@@ -19,6 +19,7 @@ use std::time::Instant;
 use super::direct::Routes;
 use super::readahead::InFlight;
 use crate::cache::{Partial, RangeSet};
+use crate::fsync_log::Delta;
 use crate::store::ETag;
 
 /// The contents of one file while it is open or changed: a cache file and what it holds.
@@ -31,6 +32,8 @@ pub struct FileData {
     /// Handles through which the kernel writes the cache file itself (changed under the
     /// content lock; read without it to know whether attributes must be looked up there).
     pub(super) direct_writers: AtomicUsize,
+    /// Held while an fsync writes the file's record to the fsync log (see `durable`).
+    pub(super) logging: tokio::sync::Mutex<()>,
 }
 
 impl FileData {
@@ -41,6 +44,7 @@ impl FileData {
             size: AtomicU64::new(size),
             opens: AtomicUsize::new(0),
             direct_writers: AtomicUsize::new(0),
+            logging: tokio::sync::Mutex::new(()),
         }
     }
 }
@@ -76,6 +80,43 @@ pub(super) struct FileContents {
     /// Open handles by route, and what the mount last saw of the kernel's direct writes (owned
     /// by `direct`).
     routes: Routes,
+    /// What an fsync through the fsync log needs (see `fsync_log`).
+    log: LogState,
+}
+
+/// A file's state for the fsync log: the stored version its changes build on, and what changed
+/// since that is not in a record yet.
+#[derive(Debug, Default)]
+struct LogState {
+    /// The version the store holds at a key, which the file's changes build on; None where
+    /// that is not known (a new file not uploaded yet, one the kernel wrote directly, one
+    /// whose upload an earlier mount logged). Good only while the file has that key.
+    base: Option<LogBase>,
+    /// Changed since `base` and in no record yet.
+    unsent: Delta,
+    /// Changed since the snapshot of the upload in flight: what `unsent` is once it lands.
+    since_snapshot: Delta,
+    /// The base became unknown while an upload was in flight.
+    forgotten_since_snapshot: bool,
+    /// One clone per upload of the file in flight.
+    uploads: Arc<()>,
+    /// The records written over `base`, deleted once an upload makes them moot.
+    records: Vec<String>,
+}
+
+/// A stored version of a file: its key, ETag and size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct LogBase {
+    pub(super) key: String,
+    pub(super) etag: ETag,
+    pub(super) size: u64,
+}
+
+/// What an fsync sends to the fsync log: the file's changes since `base`.
+#[derive(Debug)]
+pub(super) struct LogCapture {
+    pub(super) base: LogBase,
+    pub(super) delta: Delta,
 }
 
 impl FileContents {
@@ -95,6 +136,7 @@ impl FileContents {
             fetching: Vec::new(),
             upload_readers: Arc::default(),
             routes: Routes::default(),
+            log: LogState::default(),
         }
     }
 
@@ -123,9 +165,10 @@ impl FileContents {
         }
     }
 
-    /// A clean file of the store's version `etag`, of which the cache file holds `present`,
-    /// and the store the bytes below `remote_limit`.
+    /// A clean file of the store's version `etag` at `key`, of which the cache file holds
+    /// `present`, and the store the bytes below `remote_limit`.
     pub(super) fn stored(
+        key: &str,
         cache_name: String,
         file: File,
         present: RangeSet,
@@ -133,6 +176,14 @@ impl FileContents {
         remote_limit: u64,
     ) -> Self {
         Self {
+            log: LogState {
+                base: Some(LogBase {
+                    key: key.to_string(),
+                    etag: etag.clone(),
+                    size: remote_limit,
+                }),
+                ..LogState::default()
+            },
             etag: Some(etag),
             remote_limit,
             ..Self::with(cache_name, file, present, false)
@@ -247,9 +298,15 @@ impl FileContents {
         self.present.insert(range);
     }
 
-    /// The store holds a new version of the file (another host wrote it, or this one before a
-    /// crash): the cached bytes no longer count.
-    pub(super) fn take_store_version(&mut self, etag: ETag, size: u64) {
+    /// The store holds a new version of the file at `key` (another host wrote it, or this one
+    /// before a crash): the cached bytes no longer count.
+    pub(super) fn take_store_version(&mut self, key: &str, etag: ETag, size: u64) {
+        self.log.base = Some(LogBase {
+            key: key.to_string(),
+            etag: etag.clone(),
+            size,
+        });
+        self.log.unsent = Delta::default();
         self.present = RangeSet::default();
         self.etag = Some(etag);
         self.remote_limit = size;
@@ -264,6 +321,7 @@ impl FileContents {
     /// Unlinked while open: nothing more comes from the store.
     pub(super) fn cut_from_store(&mut self) {
         self.remote_limit = 0;
+        self.forget_log_base();
     }
 
     /// Bytes at or past `size` will not come from the store (a truncation).
@@ -292,6 +350,7 @@ impl FileContents {
 
     /// The kernel wrote the cache file itself, now `size` bytes long.
     pub(super) fn written_by_kernel(&mut self, size: u64) {
+        self.forget_log_base();
         self.dirty = true;
         self.count_change();
         self.present = RangeSet::full(size);
@@ -305,6 +364,8 @@ impl FileContents {
 
     /// `range` was written; the file is `size` bytes long now.
     pub(super) fn wrote(&mut self, range: Range<u64>, size: u64) {
+        self.log.unsent.wrote(range.clone());
+        self.log.since_snapshot.wrote(range.clone());
         if self.is_partial() {
             self.present.insert(range.clone());
             self.changed.insert(range);
@@ -320,6 +381,8 @@ impl FileContents {
 
     /// Cut to `size` bytes.
     pub(super) fn truncated(&mut self, size: u64) {
+        self.log.unsent.truncated(size);
+        self.log.since_snapshot.truncated(size);
         if self.is_partial() {
             self.present.truncate(size);
             self.changed.truncate(size);
@@ -365,5 +428,77 @@ impl FileContents {
         }
         self.etag = Some(etag);
         Some(self.present.clone())
+    }
+
+    // ----- the fsync log -----
+
+    /// The file's bytes changed in a way the log cannot say (an unlink, writes the kernel made
+    /// itself): its fsyncs upload it whole until its next upload lands.
+    pub(super) fn forget_log_base(&mut self) {
+        self.log.base = None;
+        self.log.unsent = Delta::default();
+        self.log.forgotten_since_snapshot = true;
+    }
+
+    /// For an fsync through the log of the file at `key`: the changes since the base, taken
+    /// out of `unsent`. None if the file cannot go that way now: its base is not known or is
+    /// under another name, an upload of it is in flight (its new base is not known yet), or
+    /// more than `limit` bytes changed.
+    pub(super) fn take_for_log(&mut self, key: &str, limit: u64) -> Option<LogCapture> {
+        let base = self.log.base.clone().filter(|base| base.key == key)?;
+        if Arc::strong_count(&self.log.uploads) > 1 || self.log.unsent.written.len() > limit {
+            return None;
+        }
+        let delta = std::mem::take(&mut self.log.unsent);
+        Some(LogCapture { base, delta })
+    }
+
+    /// The record `key` holds a capture over the file's base.
+    pub(super) fn logged(&mut self, key: String) {
+        self.log.records.push(key);
+    }
+
+    /// A capture could not be written: its changes are unsent again, before the later ones.
+    pub(super) fn log_failed(&mut self, capture: LogCapture) {
+        if self.log.base.as_ref() == Some(&capture.base) {
+            self.log.unsent = capture.delta.then(&self.log.unsent);
+        }
+    }
+
+    /// An upload of the file took its snapshot now: a token it holds until it ends.
+    pub(super) fn upload_started(&mut self) -> Arc<()> {
+        self.log.since_snapshot = Delta::default();
+        self.log.forgotten_since_snapshot = false;
+        Arc::clone(&self.log.uploads)
+    }
+
+    /// The upload of the snapshot landed at `key` as the store's version `etag` of `size`
+    /// bytes, which is the file's new base (unless the file changed in a way the log cannot
+    /// say, or `known` is false); `changed_since`: the file changed after the snapshot.
+    /// Returns the records the upload made moot.
+    pub(super) fn upload_landed(
+        &mut self,
+        key: &str,
+        etag: ETag,
+        size: u64,
+        changed_since: bool,
+        known: bool,
+    ) -> Vec<String> {
+        let since = std::mem::take(&mut self.log.since_snapshot);
+        if known && !self.log.forgotten_since_snapshot {
+            self.log.base = Some(LogBase {
+                key: key.to_string(),
+                etag,
+                size,
+            });
+            self.log.unsent = if changed_since {
+                since
+            } else {
+                Delta::default()
+            };
+        } else {
+            self.forget_log_base();
+        }
+        std::mem::take(&mut self.log.records)
     }
 }

@@ -123,7 +123,9 @@ impl Filesystem {
 
     /// fsync: returns once the file is in the store (with what its upload waits for: an earlier
     /// change of its key, its directories' markers), or with `fsync_local`, once it is on local
-    /// disk. Unrelated changes made before it keep their write-back delay.
+    /// disk. Unrelated changes made before it keep their write-back delay. A file whose stored
+    /// version the mount knows sends only what changed, as a record of the fsync log
+    /// (`durable`).
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {
         let ino = self.handle_ino(fh)?;
         let Some(data) = self.ns().get(ino).and_then(|i| i.file.clone()) else {
@@ -136,6 +138,9 @@ impl Filesystem {
             let file = Arc::clone(data.content.lock().await.file());
             blocking(move || Ok(file.sync_all()?)).await?;
             return self.update_change_log(|j| j.sync()).await;
+        }
+        if self.fsync_through_log(&data).await? {
+            return Ok(());
         }
         match self.queue_upload(&data, false).await? {
             Some(seq) => self.wait_stored(vec![seq]).await,

@@ -63,6 +63,7 @@ impl Filesystem {
                 let journal = Arc::clone(&self.journal);
                 let cache = self.cache.clone();
                 let etag = remote.etag.clone();
+                let base_key = key.clone();
                 let (cache_name, file, present) = blocking(move || match cache.lookup(&key)? {
                     Some(cached) if cached.etag == etag && cache.has_file(&cached.file) => {
                         let file = cache.open_file(&cached.file)?;
@@ -86,7 +87,8 @@ impl Filesystem {
                 })
                 .await?;
                 let limit = remote.size.min(size);
-                let content = FileContents::stored(cache_name, file, present, remote.etag, limit);
+                let content =
+                    FileContents::stored(&base_key, cache_name, file, present, remote.etag, limit);
                 (content, size)
             }
             (None, None) => {

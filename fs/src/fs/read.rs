@@ -233,7 +233,7 @@ impl Filesystem {
             Err(FsError::Store(err)) if err.kind() == ErrorKind::PreconditionFailed => {
                 let info = self.store.head(&self.fetch_key(key)).await?;
                 tracing::info!("{key} changed in the store; taking its current version");
-                content.take_store_version(info.etag, info.size);
+                content.take_store_version(key, info.etag, info.size);
                 self.fetch(key, content, 0..size).await
             }
             other => other,
@@ -351,7 +351,7 @@ impl Filesystem {
         if content.dirty() {
             return Ok(());
         }
-        content.take_store_version(info.etag.clone(), info.size);
+        content.take_store_version(&key, info.etag.clone(), info.size);
         data.size.store(info.size, Ordering::Release);
         if let Some(inode) = self.ns().get_mut(ino) {
             inode.size = info.size;

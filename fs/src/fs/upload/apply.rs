@@ -36,6 +36,7 @@ impl Filesystem {
                     size,
                     holder,
                     partial,
+                    _in_flight: in_flight,
                 }) = snapshot
                 else {
                     return Ok(Applied::Dropped(format!("the cache file of {key} is gone")));
@@ -51,6 +52,7 @@ impl Filesystem {
                 let etag = put?;
                 self.after_put(entry, cache_file, etag.clone(), size, holder, partial)
                     .await?;
+                drop(in_flight);
                 Ok(Applied::Done {
                     bytes: size,
                     stored: Some((Kind::File, etag, size)),

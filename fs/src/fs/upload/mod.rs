@@ -116,7 +116,7 @@ impl UploadState {
     }
 
     /// Not fenced, and within the lease's last renewal (if there is a lease).
-    fn may_upload(&self) -> bool {
+    pub(in crate::fs) fn may_upload(&self) -> bool {
         let until = *locked(&self.until);
         self.fenced().is_none() && until.is_none_or(|until| Instant::now() < until)
     }

@@ -35,6 +35,8 @@ pub(super) struct Snapshot {
     pub(super) holder: Option<(Arc<FileData>, u64)>,
     /// For a partial file: where the bytes it lacks come from.
     pub(super) partial: Option<Partial>,
+    /// Held while the upload of an open file is in flight (see `FileContents::upload_started`).
+    pub(super) _in_flight: Option<Arc<()>>,
 }
 
 impl Filesystem {
@@ -50,6 +52,7 @@ impl Filesystem {
             let mut content = data.content.lock().await;
             drop(registry);
             self.upload_reads(&data, &mut content)?;
+            let in_flight = Some(content.upload_started());
             if data.direct_writers.load(Ordering::Acquire) > 0 {
                 let generation = content.generation();
                 drop(content);
@@ -61,6 +64,7 @@ impl Filesystem {
                     size,
                     holder: Some((data, generation)),
                     partial: None,
+                    _in_flight: in_flight,
                 }));
             }
             let path = source.clone();
@@ -72,6 +76,7 @@ impl Filesystem {
                 size: data.size.load(Ordering::Acquire),
                 partial: content.partial(),
                 holder: Some((Arc::clone(&data), content.generation())),
+                _in_flight: in_flight,
             }));
         }
         let (cache, name) = (self.cache.clone(), cache_file.to_string());
@@ -98,6 +103,7 @@ impl Filesystem {
             size,
             holder: None,
             partial,
+            _in_flight: None,
         }))
     }
 
@@ -164,7 +170,7 @@ impl Filesystem {
     /// parts in parallel for large files. For a partial file, a part it holds none of is copied
     /// from the base version inside the store, and the base's bytes of a part it holds some of
     /// are fetched.
-    pub(super) async fn put_file(
+    pub(in crate::fs) async fn put_file(
         &self,
         key: &str,
         file: std::fs::File,

@@ -187,8 +187,19 @@ impl Filesystem {
         // A partial file still changed: what it lacks is now the new version's (it was copied
         // there unchanged), so that becomes its base.
         let mut rebased = None;
+        let mut moot_records = Vec::new();
         if let (Some((data, generation)), Some(content)) = (&holder, held.as_mut()) {
             let written = data.direct_writers.load(Ordering::Acquire) > 0;
+            if content.cache_name() == cache_file {
+                let changed_since = content.generation() != *generation;
+                moot_records = content.upload_landed(
+                    &entry.key,
+                    etag.clone(),
+                    size,
+                    changed_since,
+                    !later && !written,
+                );
+            }
             if content.cache_name() == cache_file
                 && content.generation() == *generation
                 && !later
@@ -229,6 +240,7 @@ impl Filesystem {
         if let Some((data, _)) = holder {
             self.drop_if_clean(&data).await;
         }
+        self.delete_moot_records(moot_records);
         Ok(())
     }
 
