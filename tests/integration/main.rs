@@ -10,6 +10,7 @@ mod cache;
 mod crash;
 mod direct;
 mod docker;
+mod durable;
 mod faults;
 mod hosts;
 mod integrity;
