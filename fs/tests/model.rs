@@ -1,6 +1,9 @@
 //! A reference-model property test: random sequences of operations drive the filesystem logic
 //! (without FUSE, on a memory store) and a plain in-memory POSIX tree side by side; every
-//! result, errno included, and every read and listing must agree.
+//! result, errno included, and every read and listing must agree. The mount is its volume's one
+//! writer with an fsync log; some cases end by losing the host (its runtime dropped mid-work,
+//! its cache gone): a fresh mount folds the log, and every file fsynced and not changed since
+//! must be in the store as it was fsynced.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -35,6 +38,7 @@ enum Op {
         offset: u64,
         len: usize,
         byte: u8,
+        fsync: bool,
     },
     Truncate {
         path: usize,
@@ -50,14 +54,16 @@ enum Op {
         no_replace: bool,
     },
     List(usize),
+    /// `cairn flush`: every change into the store.
+    Flush,
 }
 
 fn op() -> impl Strategy<Value = Op> {
     let path = 0..12usize;
     prop_oneof![
         3 => path.clone().prop_map(Op::Create),
-        4 => (path.clone(), 0..3000u64, 1..2000usize, any::<u8>())
-            .prop_map(|(path, offset, len, byte)| Op::Write { path, offset, len, byte }),
+        4 => (path.clone(), 0..3000u64, 1..2000usize, any::<u8>(), any::<bool>())
+            .prop_map(|(path, offset, len, byte, fsync)| Op::Write { path, offset, len, byte, fsync }),
         2 => (path.clone(), 0..4000u64).prop_map(|(path, size)| Op::Truncate { path, size }),
         3 => path.clone().prop_map(Op::Read),
         2 => path.clone().prop_map(Op::Unlink),
@@ -66,6 +72,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (path.clone(), path.clone(), any::<bool>())
             .prop_map(|(from, to, no_replace)| Op::Rename { from, to, no_replace }),
         2 => (0..13usize).prop_map(Op::List),
+        1 => Just(Op::Flush),
     ]
 }
 
@@ -84,6 +91,8 @@ enum Node {
 #[derive(Default)]
 struct Model {
     nodes: BTreeMap<String, Node>,
+    /// Files fsynced and not changed since: what the store must hold after losing the host.
+    durable: BTreeMap<String, Vec<u8>>,
 }
 
 type Outcome = Result<Option<Vec<u8>>, i32>;
@@ -148,7 +157,33 @@ impl Model {
             .collect()
     }
 
+    /// Applies `op`, and keeps `durable` up to date.
     fn apply(&mut self, op: &Op, paths: &[String]) -> Outcome {
+        let outcome = self.apply_to_tree(op, paths);
+        if outcome.is_ok() {
+            let changed: Vec<&String> = match op {
+                Op::Create(p) | Op::Unlink(p) | Op::Truncate { path: p, .. } => vec![&paths[*p]],
+                Op::Write { path, .. } => vec![&paths[*path]],
+                Op::Rename { from, to, .. } => vec![&paths[*from], &paths[*to]],
+                Op::Read(_) | Op::Mkdir(_) | Op::Rmdir(_) | Op::List(_) | Op::Flush => vec![],
+            };
+            for path in changed {
+                let below = format!("{path}/");
+                self.durable
+                    .retain(|p, _| p != path && !p.starts_with(&below));
+            }
+            if let Op::Write {
+                path, fsync: true, ..
+            } = op
+                && let Some(Node::File(data)) = self.nodes.get(&paths[*path])
+            {
+                self.durable.insert(paths[*path].clone(), data.clone());
+            }
+        }
+        outcome
+    }
+
+    fn apply_to_tree(&mut self, op: &Op, paths: &[String]) -> Outcome {
         match op {
             Op::Create(p) => {
                 let path = &paths[*p];
@@ -164,6 +199,7 @@ impl Model {
                 offset,
                 len,
                 byte,
+                ..
             } => {
                 let data = self.file_mut(&paths[*path])?;
                 let (offset, end) = (*offset as usize, *offset as usize + len);
@@ -244,6 +280,7 @@ impl Model {
                 self.nodes.extend(moved);
                 Ok(None)
             }
+            Op::Flush => Ok(None),
             Op::List(p) => {
                 let path = if *p == 12 { "" } else { paths[*p].as_str() };
                 match self.existing(path)? {
@@ -271,10 +308,12 @@ fn listing(mut entries: Vec<(String, bool)>) -> Vec<u8> {
         .into_bytes()
 }
 
-/// The filesystem under test, opened on a fresh memory store.
+/// The filesystem under test, opened on a fresh memory store, with its fsync log in another
+/// (the store root).
 struct Subject {
     fs: Arc<Filesystem>,
     store: Arc<MemoryStore>,
+    root: Arc<MemoryStore>,
     _cache: tempfile::TempDir,
 }
 
@@ -282,24 +321,34 @@ impl Subject {
     /// Must be called inside the runtime: it starts the uploader. With no write-back delay the
     /// uploader races the operations; with one, changes mostly coalesce before they upload.
     fn new(writeback_delay: Duration) -> Subject {
+        let subject = Self::over(
+            Arc::new(MemoryStore::new()),
+            Arc::new(MemoryStore::new()),
+            writeback_delay,
+        );
+        subject.fs.start_uploader();
+        subject
+    }
+
+    /// A mount of `store` on a fresh cache directory, the uploader not started.
+    fn over(store: Arc<MemoryStore>, root: Arc<MemoryStore>, writeback_delay: Duration) -> Self {
         let cache_dir = tempfile::tempdir().unwrap();
         let config = FsConfig {
             metadata_ttl: Duration::from_secs(3600),
             writeback_delay,
             ..FsConfig::default()
         };
-        let store = Arc::new(MemoryStore::new());
         let fs = Filesystem::new(
             store.clone(),
             Cache::open(cache_dir.path()).unwrap(),
             config,
         )
-        .unwrap();
-        let fs = Arc::new(fs);
-        fs.start_uploader();
+        .unwrap()
+        .with_fsync_log(root.clone(), "v");
         Subject {
-            fs,
+            fs: Arc::new(fs),
             store,
+            root,
             _cache: cache_dir,
         }
     }
@@ -375,10 +424,14 @@ impl Subject {
                 offset,
                 len,
                 byte,
+                fsync,
             } => {
                 let fh = self.open_file(&paths[*path], libc::O_RDWR).await?;
                 let data = write_body(*len, *byte);
-                let written = self.fs.write(fh, *offset, &data).await.map_err(errno);
+                let mut written = self.fs.write(fh, *offset, &data).await.map_err(errno);
+                if *fsync && written.is_ok() {
+                    written = self.fs.fsync(fh).await.map_err(errno).and(written);
+                }
                 self.fs.release(fh).await.map_err(errno)?;
                 assert_eq!(written?, *len as u32);
                 Ok(None)
@@ -441,6 +494,13 @@ impl Subject {
                     .map_err(errno)?;
                 Ok(None)
             }
+            Op::Flush => {
+                self.fs
+                    .drain(Some(Duration::from_secs(30)))
+                    .await
+                    .map_err(errno)?;
+                Ok(None)
+            }
             Op::List(p) => {
                 let path = if *p == 12 { "" } else { paths[*p].as_str() };
                 let ino = self.walk(path).await?;
@@ -464,6 +524,7 @@ proptest! {
     fn the_filesystem_behaves_like_a_posix_tree(
         ops in proptest::collection::vec(op(), 1..50),
         delay_ms in prop_oneof![Just(0u64), Just(2000u64)],
+        lose_the_host in any::<bool>(),
     ) {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let paths = paths();
@@ -476,6 +537,21 @@ proptest! {
             let expected = model.apply(op, &paths);
             let actual = runtime.block_on(subject.apply(op, &paths));
             prop_assert_eq!(&actual, &expected, "step {} {:?}", step, op);
+        }
+        if lose_the_host {
+            // The host is gone mid-work: its tasks stop where they are, its cache is lost. The
+            // next mount folds the log; what was fsynced and not changed since is in the store.
+            let (store, root) = (subject.store.clone(), subject.root.clone());
+            drop(subject);
+            runtime.shutdown_background();
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let next = Subject::over(store.clone(), root, Duration::from_millis(delay_ms));
+            runtime.block_on(next.fs.fold_fsync_log()).expect("the log folds");
+            for (path, data) in &model.durable {
+                let stored = runtime.block_on(store.get_all(path)).map(|(_, body)| body.to_vec());
+                prop_assert_eq!(stored.ok(), Some(data.clone()), "{} as fsynced", path);
+            }
+            return Ok(());
         }
         // At the end, every file reads back as the model has it.
         for (path, node) in &model.nodes {

@@ -60,7 +60,12 @@ fn fsynced_changes_survive_the_loss_of_the_host_and_its_cache() {
     let key = a.key("wal");
     assert_eq!(a.direct().get(&key).unwrap().1, expected);
 
-    let sent_before = a.metrics().store.values().map(|c| c.bytes_sent).sum::<u64>();
+    let sent_before = a
+        .metrics()
+        .store
+        .values()
+        .map(|c| c.bytes_sent)
+        .sum::<u64>();
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -108,7 +113,10 @@ fn fsynced_changes_survive_the_loss_of_the_host_and_its_cache() {
         b.direct().get(&key).unwrap().1 == expected,
         "the plain object lacks what was fsynced"
     );
-    assert!(records(&b).is_empty(), "the log was folded, yet is still there");
+    assert!(
+        records(&b).is_empty(),
+        "the log was folded, yet is still there"
+    );
     b.stop();
     drop(file);
 }
