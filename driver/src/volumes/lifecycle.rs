@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use cairn_fs::store::{ErrorKind, StoreExt, StoreSpec, open_store};
@@ -151,11 +152,16 @@ impl Driver {
             self.delete_data(&record, &options).await?;
         }
         let store = self.named_store(options.store())?;
-        // An expired lease of a host that died holding the volume goes with it.
+        // An expired lease of a host that died holding the volume goes with it, and so does
+        // what is left of its fsync log (nothing after a clean unmount).
         let _ = store
             .store
             .delete(&cairn_fs::lease::lease_key(name.as_str()))
             .await;
+        let fsync_log = cairn_fs::fsync_log::FsyncLog::new(Arc::clone(&store.store), name.as_str());
+        if let Err(err) = fsync_log.delete_all().await {
+            tracing::warn!("deleting the fsync log of volume {name}: {err}");
+        }
         match records::delete(store.store.as_ref(), &name).await {
             Err(err) if err.kind() != ErrorKind::NotFound => {
                 return Err(self.store_error(options.store())(err));
