@@ -60,17 +60,6 @@ impl Delta {
     pub fn is_empty(&self) -> bool {
         self.written.is_empty() && self.cut.is_none()
     }
-
-    /// This delta followed by `newer`.
-    pub fn then(mut self, newer: &Delta) -> Delta {
-        if let Some(cut) = newer.cut {
-            self.truncated(cut);
-        }
-        for range in newer.written.spans() {
-            self.wrote(range);
-        }
-        self
-    }
 }
 
 /// One file in a record: its bytes `ranges` (in the record's body, in this order) and size
@@ -157,9 +146,10 @@ impl FsyncLog {
         &self.prefix
     }
 
-    /// A number above every record's this mount wrote, and (clocks permitting) every earlier
-    /// mount's: microseconds since the epoch, or one more than the last.
-    fn next_number(&self) -> u64 {
+    /// The number of the next record: above every record's this mount wrote, and (clocks
+    /// permitting) every earlier mount's: microseconds since the epoch, or one more than the
+    /// last. Taken when the record's bytes are, so that numbers follow the file's changes.
+    pub fn next_number(&self) -> u64 {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as u64);
@@ -176,10 +166,14 @@ impl FsyncLog {
         }
     }
 
-    /// Writes one record of `files` (each with the bytes of its ranges): one put. Returns its
-    /// key.
-    pub async fn append(&self, files: &[(FileDelta, Vec<Bytes>)]) -> Result<String, StoreError> {
-        let key = format!("{}{:020}", self.prefix, self.next_number());
+    /// Writes record `number` (see [`Self::next_number`]) of `files` (each with the bytes of
+    /// its ranges): one put. Returns its key.
+    pub async fn append(
+        &self,
+        number: u64,
+        files: &[(FileDelta, Vec<Bytes>)],
+    ) -> Result<String, StoreError> {
+        let key = format!("{}{number:020}", self.prefix);
         let body = encode(files);
         self.store.put(&key, body, PutOptions::default()).await?;
         Ok(key)
@@ -196,7 +190,10 @@ impl FsyncLog {
                 let files = decode(body).map_err(|why| {
                     StoreError::new(
                         ErrorKind::Other,
-                        format!("the fsync log record {key} is damaged: {why}"),
+                        format!(
+                            "the fsync log record {key} is damaged ({why}); the fsyncs it holds \
+                             cannot be replayed: delete it from the store to mount without them"
+                        ),
                     )
                 })?;
                 Ok::<_, StoreError>(Record { key, files })
@@ -336,17 +333,5 @@ mod tests {
             fold("other", &deltas).is_none(),
             "moot deltas fold to nothing"
         );
-    }
-
-    #[test]
-    fn a_delta_followed_by_another_cuts_what_the_later_cut_removed() {
-        let mut older = Delta::default();
-        older.wrote(0..10);
-        let mut newer = Delta::default();
-        newer.truncated(5);
-        newer.wrote(8..9);
-        let both = older.then(&newer);
-        assert_eq!(both.cut, Some(5));
-        assert_eq!(both.written.spans().collect::<Vec<_>>(), vec![0..5, 8..9]);
     }
 }

@@ -32,8 +32,6 @@ pub struct FileData {
     /// Handles through which the kernel writes the cache file itself (changed under the
     /// content lock; read without it to know whether attributes must be looked up there).
     pub(super) direct_writers: AtomicUsize,
-    /// Held while an fsync writes the file's record to the fsync log (see `durable`).
-    pub(super) logging: tokio::sync::Mutex<()>,
 }
 
 impl FileData {
@@ -44,7 +42,6 @@ impl FileData {
             size: AtomicU64::new(size),
             opens: AtomicUsize::new(0),
             direct_writers: AtomicUsize::new(0),
-            logging: tokio::sync::Mutex::new(()),
         }
     }
 }
@@ -102,7 +99,12 @@ struct LogState {
     uploads: Arc<()>,
     /// The records written over `base`, deleted once an upload makes them moot.
     records: Vec<String>,
+    /// Whether the last record taken landed, once known (see `durable`).
+    last_record: Option<RecordOutcome>,
 }
+
+/// Whether a record landed: `None` until its put ends.
+pub(super) type RecordOutcome = tokio::sync::watch::Receiver<Option<bool>>;
 
 /// A stored version of a file: its key, ETag and size.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -433,7 +435,8 @@ impl FileContents {
     // ----- the fsync log -----
 
     /// The file's bytes changed in a way the log cannot say (an unlink, writes the kernel made
-    /// itself): its fsyncs upload it whole until its next upload lands.
+    /// itself), or a record of it failed: its fsyncs upload it whole until its next upload
+    /// lands.
     pub(super) fn forget_log_base(&mut self) {
         self.log.base = None;
         self.log.unsent = Delta::default();
@@ -458,11 +461,9 @@ impl FileContents {
         self.log.records.push(key);
     }
 
-    /// A capture could not be written: its changes are unsent again, before the later ones.
-    pub(super) fn log_failed(&mut self, capture: LogCapture) {
-        if self.log.base.as_ref() == Some(&capture.base) {
-            self.log.unsent = capture.delta.then(&self.log.unsent);
-        }
+    /// The next record's outcome will be `next`; returns the one before it, if any.
+    pub(super) fn follow_last_record(&mut self, next: RecordOutcome) -> Option<RecordOutcome> {
+        self.log.last_record.replace(next)
     }
 
     /// An upload of the file took its snapshot now: a token it holds until it ends.

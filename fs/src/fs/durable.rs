@@ -37,8 +37,12 @@ impl Filesystem {
     }
 
     /// fsync through the log: true once a record holds what changed in the file since its
-    /// base (or an earlier one does), and the cache file is on local disk; false where the
-    /// file must be uploaded whole.
+    /// base (or an earlier one does), the records before it landed too, and the cache file is
+    /// on local disk; false where the file must be uploaded whole.
+    ///
+    /// Records of one file may be in flight together (several committers of one database): each
+    /// takes the bytes unsent when it starts, and an fsync returns once its own record and every
+    /// earlier one of the file landed. If one fails, the file goes back to whole uploads.
     pub(super) async fn fsync_through_log(&self, data: &Arc<FileData>) -> FsResult<bool> {
         let Some(log) = self.fsync_log.clone() else {
             return Ok(false);
@@ -46,9 +50,6 @@ impl Filesystem {
         if data.direct_writers.load(Ordering::Acquire) > 0 || !self.uploads.may_upload() {
             return Ok(false);
         }
-        // One record of a file at a time: fsyncs that arrive while one is written find their
-        // bytes in it, or share the next.
-        let _one_at_a_time = data.logging.lock().await;
         let (key, attrs) = {
             let ns = self.ns();
             match (ns.key(data.ino), ns.get(data.ino)) {
@@ -63,8 +64,14 @@ impl Filesystem {
         let Some(capture) = content.take_for_log(&key, MOST_LOGGED) else {
             return Ok(false);
         };
+        let (outcome, landed) = tokio::sync::watch::channel(None);
+        let earlier = content.follow_last_record(landed);
         if capture.delta.is_empty() {
-            return Ok(true);
+            // Its bytes are in records already sent, or being sent.
+            drop(content);
+            let landed = earlier_landed(earlier).await;
+            outcome.send_replace(Some(landed));
+            return Ok(landed);
         }
         let size = data.size.load(Ordering::Acquire);
         let file = Arc::clone(content.file());
@@ -86,10 +93,12 @@ impl Filesystem {
         let bytes = match read {
             Ok(bytes) => bytes,
             Err(err) => {
-                content.log_failed(capture);
+                content.forget_log_base();
+                outcome.send_replace(Some(false));
                 return Err(err);
             }
         };
+        let number = log.next_number();
         drop(content);
         let delta = FileDelta {
             key,
@@ -102,25 +111,22 @@ impl Filesystem {
         };
         let synced = blocking(move || Ok(file.sync_data()?));
         let record = [(delta, bytes)];
-        let (written, synced) = tokio::join!(log.append(&record), synced);
+        let (written, synced) = tokio::join!(log.append(number, &record), synced);
+        let landed = written.is_ok() && synced.is_ok() && earlier_landed(earlier).await;
+        outcome.send_replace(Some(landed));
         let mut content = data.content.lock().await;
-        match (written, synced) {
-            (Ok(record), Ok(())) => {
-                content.logged(record);
-                self.metrics.fsync_logged();
-                Ok(true)
-            }
-            (written, synced) => {
-                if let Ok(record) = written {
-                    content.logged(record);
-                }
-                content.log_failed(capture);
-                drop(content);
-                synced?;
-                // The store refused or did not answer: the whole upload retries as it must.
-                Ok(false)
-            }
+        if let Ok(record) = written {
+            content.logged(record);
         }
+        if !landed {
+            // The store refused or did not answer: the whole upload retries as it must.
+            content.forget_log_base();
+            drop(content);
+            synced?;
+            return Ok(false);
+        }
+        self.metrics.fsync_logged();
+        Ok(true)
     }
 
     /// Deletes records an upload made moot, in the background.
@@ -232,6 +238,18 @@ impl Filesystem {
         let removed = path.clone();
         let _ = blocking(move || Ok(std::fs::remove_file(removed)?)).await;
         put.map(|_| ())
+    }
+}
+
+/// Whether the record before one landed (true if there was none); false if its fsync ended
+/// without saying (cancelled).
+async fn earlier_landed(earlier: Option<super::contents::RecordOutcome>) -> bool {
+    match earlier {
+        None => true,
+        Some(mut outcome) => outcome
+            .wait_for(Option::is_some)
+            .await
+            .is_ok_and(|landed| *landed == Some(true)),
     }
 }
 
@@ -370,11 +388,76 @@ mod tests {
             },
             vec![Bytes::from_static(b"z")],
         );
-        stale.append(&[(delta, bytes)]).await.unwrap();
+        stale
+            .append(stale.next_number(), &[(delta, bytes)])
+            .await
+            .unwrap();
         let (next, _next_cache) = mount_with_log(&data, &root, config);
         assert_eq!(next.fold_fsync_log().await.unwrap(), 0);
         let (_, body) = data.get_all("f").await.unwrap();
         assert_eq!(&body[..2], b"ba");
         assert!(records(&root).await.is_empty());
+    }
+
+    /// fsyncs of one file arriving together each return once the store holds what they
+    /// cover, with records in flight together; when the log refuses, the fsync uploads the
+    /// whole file instead, and still returns only once the store has it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn fsyncs_together_share_the_log_and_a_refused_record_uploads_the_file() {
+        use crate::store::faults::{FaultyStore, Op};
+        use crate::store::{ErrorKind, StoreError};
+        let data = crate::fs::store_holding(&[("f", &[b'a'; 100_000])]).await;
+        let root = Arc::new(MemoryStore::new());
+        let faulty = Arc::new(FaultyStore::new(root.clone()));
+        faulty.add_latency(Some(Op::Put), Duration::from_millis(50));
+        let dir = tempfile::tempdir().unwrap();
+        let config = FsConfig {
+            writeback_delay: Duration::from_secs(600),
+            max_dirty_age: Duration::from_secs(600),
+            ..FsConfig::default()
+        };
+        let fs = Filesystem::new(data.clone(), Cache::open(dir.path()).unwrap(), config)
+            .unwrap()
+            .with_fsync_log(faulty.clone(), "v");
+        let fs = Arc::new(fs);
+        fs.start_uploader();
+        let ino = fs.lookup(ROOT, "f".as_ref()).await.unwrap().ino;
+        let committers = (0..8u64).map(|i| {
+            let fs = Arc::clone(&fs);
+            tokio::spawn(async move {
+                let opened = fs.open(ino, libc::O_RDWR).await.unwrap();
+                fs.write(opened.fh, i * 1000, &[b'0' + i as u8; 10])
+                    .await
+                    .unwrap();
+                fs.fsync(opened.fh).await.unwrap();
+                fs.release(opened.fh).await.unwrap();
+            })
+        });
+        for committer in committers.collect::<Vec<_>>() {
+            committer.await.unwrap();
+        }
+        let logged = records(&root).await.len();
+        assert!((1..=8).contains(&logged), "{logged} records");
+        let (_, body) = data.get_all("f").await.unwrap();
+        assert!(
+            body.iter().all(|b| *b == b'a'),
+            "an fsync uploaded the file"
+        );
+
+        // The log refuses: the fsync uploads the file.
+        faulty.fail_next(
+            Some(Op::Put),
+            1,
+            StoreError::new(ErrorKind::AccessDenied, "refused"),
+        );
+        let opened = fs.open(ino, libc::O_RDWR).await.unwrap();
+        fs.write(opened.fh, 50_000, b"last").await.unwrap();
+        fs.fsync(opened.fh).await.unwrap();
+        let (_, body) = data.get_all("f").await.unwrap();
+        assert_eq!(&body[50_000..50_004], b"last");
+        for i in 0..8 {
+            let at = i * 1000;
+            assert_eq!(body[at..at + 10], [b'0' + i as u8; 10]);
+        }
     }
 }
