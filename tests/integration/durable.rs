@@ -122,7 +122,7 @@ fn fsynced_changes_survive_the_loss_of_the_host_and_its_cache() {
 }
 
 /// The same host, killed with a file still open after its fsyncs, comes back on its own cache:
-/// the fsynced bytes are there, in the mount and in the store; the unmount leaves no record.
+/// the fsynced bytes are there, and in the store after the unmount, which leaves no record.
 #[test]
 fn fsynced_changes_survive_a_kill_and_the_log_is_gone_after_an_unmount() {
     let (root, data) = root_and_volume();
@@ -141,9 +141,11 @@ fn fsynced_changes_survive_a_kill_and_the_log_is_gone_after_an_unmount() {
     a.kill();
     drop(file);
 
+    // The restarted mount folds the record into the object, or, where its cache still has a
+    // change of the file waiting (the release of the first writer can queue one), leaves the
+    // record moot: that change holds the bytes. Either way they read back, and reach the store.
     a.start(&as_writer(&root, "host-a"));
-    assert!(std::fs::read(a.path("db")).unwrap() == expected);
-    assert!(a.direct().get(&a.key("db")).unwrap().1 == expected);
+    assert_same(&std::fs::read(a.path("db")).unwrap(), &expected, "the restarted mount");
     let file = std::fs::OpenOptions::new()
         .write(true)
         .open(a.path("db"))
@@ -153,6 +155,19 @@ fn fsynced_changes_survive_a_kill_and_the_log_is_gone_after_an_unmount() {
     drop(file);
     expected[..5].copy_from_slice(b"again");
     a.stop();
-    assert!(a.direct().get(&a.key("db")).unwrap().1 == expected);
+    let stored = a.direct().get(&a.key("db")).unwrap().1;
+    assert_same(&stored, &expected, "the store after the unmount");
     assert!(records(&a).is_empty(), "{:?}", records(&a));
+}
+
+/// Asserts two file contents are equal, saying where they first differ (they are megabytes).
+fn assert_same(actual: &[u8], expected: &[u8], what: &str) {
+    let first = actual.iter().zip(expected).position(|(a, e)| a != e);
+    assert!(
+        actual.len() == expected.len() && first.is_none(),
+        "{what}: {} bytes, expected {}; first difference at {first:?}: {:?}",
+        actual.len(),
+        expected.len(),
+        first.map(|at| &actual[at..(at + 16).min(actual.len())])
+    );
 }

@@ -169,14 +169,24 @@ impl Filesystem {
         let mut folded = 0;
         for (key, deltas) in by_key {
             if self.change_log().latest(&key).is_some() {
+                tracing::info!(
+                    "fsync log: {key} has a change waiting here, which holds its records' bytes"
+                );
                 continue;
             }
             let Some(current) = self.store.head_opt(&key).await? else {
+                tracing::info!("fsync log: {key} is no longer in the store; its records are moot");
                 continue;
             };
-            if let Some(changes) = fold(&current.etag.0, &deltas) {
-                self.put_folded(&key, changes).await?;
-                folded += 1;
+            match fold(&current.etag.0, &deltas) {
+                Some(changes) => {
+                    self.put_folded(&key, changes).await?;
+                    folded += 1;
+                }
+                None => tracing::info!(
+                    "fsync log: {key} was uploaded since its records (ETag {}); they are moot",
+                    current.etag.0
+                ),
             }
         }
         let keys: Vec<String> = records.into_iter().map(|r| r.key).collect();
