@@ -145,7 +145,11 @@ fn fsynced_changes_survive_a_kill_and_the_log_is_gone_after_an_unmount() {
     // change of the file waiting (the release of the first writer can queue one), leaves the
     // record moot: that change holds the bytes. Either way they read back, and reach the store.
     a.start(&as_writer(&root, "host-a"));
-    assert_same(&std::fs::read(a.path("db")).unwrap(), &expected, "the restarted mount");
+    assert_same(
+        &std::fs::read(a.path("db")).unwrap(),
+        &expected,
+        "the restarted mount",
+    );
     let file = std::fs::OpenOptions::new()
         .write(true)
         .open(a.path("db"))
@@ -170,4 +174,41 @@ fn assert_same(actual: &[u8], expected: &[u8], what: &str) {
         expected.len(),
         first.map(|at| &actual[at..(at + 16).min(actual.len())])
     );
+}
+
+/// A file a database makes for itself (opened read-write with O_CREAT, as SQLite opens its
+/// `-wal`) goes through the mount, not the kernel's direct route: its first fsync uploads it
+/// (a new file), and the later ones send only what changed.
+#[test]
+fn a_file_made_read_write_is_fsynced_through_the_log() {
+    let (root, data) = root_and_volume();
+    let mut a = Volume::mount(&data, &as_writer(&root, "host-a"));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(a.path("db-wal"))
+        .unwrap();
+    file.write_all_at(&vec![b'f'; 2 * MIB], 0).unwrap();
+    file.sync_data().unwrap();
+    let sent_before = a
+        .metrics()
+        .store
+        .values()
+        .map(|c| c.bytes_sent)
+        .sum::<u64>();
+    for commit in 0..20u64 {
+        file.write_all_at(&[b'c'; 4096], 2 * MIB as u64 + commit * 4096)
+            .unwrap();
+        file.sync_data().unwrap();
+    }
+    let metrics = a.metrics();
+    assert_eq!(metrics.fsyncs_logged, 20, "{metrics:?}");
+    let sent = metrics.store.values().map(|c| c.bytes_sent).sum::<u64>() - sent_before;
+    assert!(sent < 256 * 1024, "20 commits of 4 KiB sent {sent} bytes");
+    drop(file);
+    a.stop();
+    let stored = a.direct().get(&a.key("db-wal")).unwrap().1;
+    assert_eq!(stored.len(), 2 * MIB + 20 * 4096);
 }

@@ -63,10 +63,24 @@ pub(super) struct Routes {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum OpenIntent {
     Reads,
-    /// Writes to a file it did not create or truncate.
+    /// Writes to a file it did not create or truncate, or reads it too.
     Writes,
-    /// Writes to a file it created or truncated.
+    /// Only writes, to a file it created or truncated.
     WritesAfresh,
+}
+
+impl OpenIntent {
+    /// The intent of an open with `flags` that writes, of a file it created or truncated
+    /// (`afresh`): new contents written out (`cp`, `tar`, a dump) open write-only; a database
+    /// making its files (SQLite's `-wal`, say) opens them read-write, writes in place and
+    /// fsyncs, and goes through the mount, which then knows what changed (see `durable`).
+    pub(super) fn of_writer(flags: i32, afresh: bool) -> Self {
+        if afresh && flags & libc::O_ACCMODE == libc::O_WRONLY {
+            Self::WritesAfresh
+        } else {
+            Self::Writes
+        }
+    }
 }
 
 /// How often a change waiting for an upload to stop reading a cache file looks again.

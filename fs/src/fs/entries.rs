@@ -155,7 +155,8 @@ impl Filesystem {
         }
         self.count_lookup(ino);
         let fh = self.new_handle(ino);
-        let direct = match self.choose_route(fh, &data, OpenIntent::WritesAfresh).await {
+        let open = OpenIntent::of_writer(flags, true);
+        let direct = match self.choose_route(fh, &data, open).await {
             Ok(direct) => direct,
             Err(err) => {
                 self.release(fh).await.ok();

@@ -38,10 +38,10 @@ impl Filesystem {
         } else {
             Ok(())
         };
-        let open = match (writes, truncates) {
-            (false, _) => OpenIntent::Reads,
-            (true, false) => OpenIntent::Writes,
-            (true, true) => OpenIntent::WritesAfresh,
+        let open = if writes {
+            OpenIntent::of_writer(flags, truncates)
+        } else {
+            OpenIntent::Reads
         };
         let routed = match truncated {
             Ok(()) => self.choose_route(fh, &data, open).await,
