@@ -119,6 +119,11 @@ pub fn fold<'a>(
         if let Some(cut) = delta.cut {
             into.base_end = into.base_end.min(cut);
             into.written.truncate(cut);
+            // What earlier records wrote past the cut is gone (zeros if the file grows again).
+            into.writes.retain_mut(|(offset, bytes)| {
+                bytes.truncate(cut.saturating_sub(*offset) as usize);
+                !bytes.is_empty()
+            });
         }
         for (&(offset, length), body) in delta.ranges.iter().zip(bytes) {
             into.written.insert(offset..offset + length);
@@ -328,7 +333,12 @@ mod tests {
         );
         assert_eq!(folded.size, 8);
         assert_eq!(folded.written.spans().collect::<Vec<_>>(), vec![2..4, 6..7]);
-        assert_eq!(folded.writes.len(), 3);
+        let writes: Vec<(u64, &[u8])> = folded.writes.iter().map(|(o, b)| (*o, &b[..])).collect();
+        assert_eq!(
+            writes,
+            vec![(2, &b"ab"[..]), (6, &b"q"[..])],
+            "what was written past the cut is gone"
+        );
         assert!(
             fold("other", &deltas).is_none(),
             "moot deltas fold to nothing"

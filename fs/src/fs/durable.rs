@@ -350,6 +350,40 @@ mod tests {
         assert!(records(&root).await.is_empty(), "the log was not deleted");
     }
 
+    /// A file fsynced, cut short, and written past where it was cut: the fold gives the bytes
+    /// between the cut and the new write as zeros, not what an earlier record held there.
+    #[tokio::test]
+    async fn a_cut_between_records_leaves_zeros_where_earlier_records_wrote() {
+        let data = crate::fs::store_holding(&[("f", &[b'a'; 1000])]).await;
+        let root = Arc::new(MemoryStore::new());
+        let config = FsConfig {
+            writeback_delay: Duration::from_secs(600),
+            max_dirty_age: Duration::from_secs(600),
+            ..FsConfig::default()
+        };
+        let (fs, _cache) = mount_with_log(&data, &root, config.clone());
+        let ino = fs.lookup(ROOT, "f".as_ref()).await.unwrap().ino;
+        let opened = fs.open(ino, libc::O_RDWR).await.unwrap();
+        fs.write(opened.fh, 500, b"early").await.unwrap();
+        fs.fsync(opened.fh).await.unwrap();
+        let cut = SetAttrs {
+            size: Some(100),
+            ..SetAttrs::default()
+        };
+        fs.setattr(ino, cut).await.unwrap();
+        fs.write(opened.fh, 900, b"late").await.unwrap();
+        fs.fsync(opened.fh).await.unwrap();
+        assert_eq!(records(&root).await.len(), 2);
+
+        let (next, _next_cache) = mount_with_log(&data, &root, config);
+        assert_eq!(next.fold_fsync_log().await.unwrap(), 1);
+        let mut expected = vec![b'a'; 100];
+        expected.resize(900, 0);
+        expected.extend_from_slice(b"late");
+        let (_, body) = data.get_all("f").await.unwrap();
+        assert!(body == expected, "folded: {:?}", &body[490..510]);
+    }
+
     /// Once the file's own upload lands, its records are moot and deleted; a later fold leaves
     /// the object alone.
     #[tokio::test]
