@@ -443,12 +443,22 @@ impl FileContents {
         self.log.forgotten_since_snapshot = true;
     }
 
-    /// For an fsync through the log of the file at `key`: the changes since the base, taken
-    /// out of `unsent`. None if the file cannot go that way now: its base is not known or is
-    /// under another name, an upload of it is in flight (its new base is not known yet), or
-    /// more than `limit` bytes changed.
-    pub(super) fn take_for_log(&mut self, key: &str, limit: u64) -> Option<LogCapture> {
-        let base = self.log.base.clone().filter(|base| base.key == key)?;
+    /// For an fsync through the log of the file at `key`, whose version in the store is
+    /// `stored` as far as the mount knows: the changes since the base, taken out of `unsent`.
+    /// None if the file cannot go that way now: its base is not known, is under another name
+    /// or is not what the store holds (a change of the key landed since), an upload of it is
+    /// in flight (its new base is not known yet), or more than `limit` bytes changed.
+    pub(super) fn take_for_log(
+        &mut self,
+        key: &str,
+        stored: Option<&ETag>,
+        limit: u64,
+    ) -> Option<LogCapture> {
+        let base = self
+            .log
+            .base
+            .clone()
+            .filter(|base| base.key == key && Some(&base.etag) == stored)?;
         if Arc::strong_count(&self.log.uploads) > 1 || self.log.unsent.written.len() > limit {
             return None;
         }

@@ -50,10 +50,14 @@ impl Filesystem {
         if data.direct_writers.load(Ordering::Acquire) > 0 || !self.uploads.may_upload() {
             return Ok(false);
         }
-        let (key, attrs) = {
+        let (key, attrs, stored) = {
             let ns = self.ns();
             match (ns.key(data.ino), ns.get(data.ino)) {
-                (Some(key), Some(inode)) if ns.attached(data.ino) => (key, inode.attrs),
+                (Some(key), Some(inode)) if ns.attached(data.ino) => (
+                    key,
+                    inode.attrs,
+                    inode.remote.as_ref().map(|r| r.etag.clone()),
+                ),
                 _ => return Ok(false),
             }
         };
@@ -61,7 +65,7 @@ impl Filesystem {
         if !content.dirty() {
             return Ok(false);
         }
-        let Some(capture) = content.take_for_log(&key, MOST_LOGGED) else {
+        let Some(capture) = content.take_for_log(&key, stored.as_ref(), MOST_LOGGED) else {
             return Ok(false);
         };
         let (outcome, landed) = tokio::sync::watch::channel(None);
