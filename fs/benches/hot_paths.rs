@@ -63,6 +63,7 @@ fn change_log(c: &mut Criterion) {
         uid: 0,
         gid: 0,
         mtime_ns: 0,
+        atime_ns: None,
     };
     let mut n = 0u64;
     c.bench_function("change log: record a file's new contents", |b| {

@@ -60,6 +60,8 @@ pub struct Attrs {
     pub uid: u32,
     pub gid: u32,
     pub mtime: SystemTime,
+    /// As set by `utimensat`; None: the mtime is shown (the mount is `noatime`).
+    pub atime: Option<SystemTime>,
 }
 
 impl Attrs {
@@ -114,22 +116,26 @@ impl Attrs {
                 .get("mtime")
                 .and_then(|v| parse_seconds(v))
                 .unwrap_or(last_modified),
+            atime: metadata.get("atime").and_then(|v| parse_seconds(v)),
         }
+    }
+
+    /// The access time shown: as set, or the mtime.
+    pub fn shown_atime(&self) -> SystemTime {
+        self.atime.unwrap_or(self.mtime)
     }
 
     /// The metadata that carries these attributes (s3fs and rclone read it back).
     pub fn encode(&self) -> Metadata {
-        let seconds = self
-            .mtime
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let seconds = |at: SystemTime| at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         [
             ("mode", self.mode.to_string()),
             ("uid", self.uid.to_string()),
             ("gid", self.gid.to_string()),
-            ("mtime", seconds.to_string()),
+            ("mtime", seconds(self.mtime).to_string()),
         ]
         .into_iter()
+        .chain(self.atime.map(|at| ("atime", seconds(at).to_string())))
         .map(|(k, v)| (k.to_string(), v))
         .collect()
     }
@@ -234,6 +240,7 @@ mod tests {
             uid: 1,
             gid: 2,
             mtime: UNIX_EPOCH + Duration::from_secs(99),
+            atime: Some(UNIX_EPOCH + Duration::from_secs(7)),
         };
         let back = Attrs::decode(
             &attrs.encode(),

@@ -148,6 +148,7 @@ impl Filesystem {
             uid: config.defaults.uid,
             gid: config.defaults.gid,
             mtime: SystemTime::now(),
+            atime: None,
         };
         let metrics = Arc::new(Metrics::default());
         let store: SharedStore = Arc::new(MeteredStore::new(store, Arc::clone(&metrics)));

@@ -279,6 +279,7 @@ mod tests {
             uid: 0,
             gid: 0,
             mtime_ns: 1,
+            atime_ns: None,
         }
     }
 

@@ -159,7 +159,7 @@ fn file_attr(attr: &Attr) -> FileAttr {
         ino: INodeNo(attr.ino),
         size: attr.size,
         blocks: attr.size.div_ceil(512),
-        atime: attr.mtime,
+        atime: attr.atime,
         mtime: attr.mtime,
         ctime: attr.ctime,
         crtime: attr.ctime,
@@ -249,7 +249,7 @@ impl fuser::Filesystem for FuseAdapter {
         uid: Option<u32>,
         gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         _fh: Option<FileHandle>,
@@ -265,6 +265,7 @@ impl fuser::Filesystem for FuseAdapter {
             gid,
             size,
             mtime: mtime.map(time),
+            atime: atime.map(time),
         };
         let ttl = self.ttl();
         self.spawn("setattr", move |fs| async move {
@@ -741,12 +742,13 @@ mod tests {
             uid: 1000,
             gid: 100,
             mtime: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            atime: UNIX_EPOCH + Duration::from_secs(1_600_000_000),
             ctime: UNIX_EPOCH + Duration::from_secs(1_700_000_100),
         }
     }
 
     /// What `stat` shows of each kind: its type, the permission bits, sizes in 512-byte blocks,
-    /// two links for a directory, and the mtime as atime (the mount is noatime).
+    /// two links for a directory, and the atime as the filesystem keeps it.
     #[test]
     fn attributes_reach_the_kernel_as_stat_shows_them() {
         let file = file_attr(&attr(Kind::File, 1025));
@@ -756,7 +758,7 @@ mod tests {
             (file.perm, file.uid, file.gid, file.nlink),
             (0o640, 1000, 100, 1)
         );
-        assert_eq!(file.atime, file.mtime);
+        assert_eq!(file.atime, attr(Kind::File, 0).atime);
         assert_eq!(file.ctime, attr(Kind::File, 0).ctime);
         let dir = file_attr(&attr(Kind::Dir, 0));
         assert_eq!(

@@ -56,6 +56,9 @@ pub struct StoredAttrs {
     pub uid: u32,
     pub gid: u32,
     pub mtime_ns: u128,
+    /// Set by `utimensat` (change logs written before it was kept have none).
+    #[serde(default)]
+    pub atime_ns: Option<u128>,
 }
 
 impl From<Attrs> for StoredAttrs {
@@ -64,25 +67,31 @@ impl From<Attrs> for StoredAttrs {
             mode: a.mode,
             uid: a.uid,
             gid: a.gid,
-            mtime_ns: a
-                .mtime
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos()),
+            mtime_ns: nanos_since_epoch(a.mtime),
+            atime_ns: a.atime.map(nanos_since_epoch),
         }
     }
 }
 
 impl From<StoredAttrs> for Attrs {
     fn from(a: StoredAttrs) -> Self {
-        let secs = (a.mtime_ns / 1_000_000_000) as u64;
-        let nanos = (a.mtime_ns % 1_000_000_000) as u32;
         Attrs {
             mode: a.mode,
             uid: a.uid,
             gid: a.gid,
-            mtime: UNIX_EPOCH + Duration::new(secs, nanos),
+            mtime: time_from_nanos(a.mtime_ns),
+            atime: a.atime_ns.map(time_from_nanos),
         }
     }
+}
+
+fn nanos_since_epoch(at: SystemTime) -> u128 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+}
+
+fn time_from_nanos(nanos: u128) -> SystemTime {
+    let secs = (nanos / 1_000_000_000) as u64;
+    UNIX_EPOCH + Duration::new(secs, (nanos % 1_000_000_000) as u32)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -749,6 +758,7 @@ mod tests {
             uid: 0,
             gid: 0,
             mtime_ns: 0,
+            atime_ns: None,
         }
     }
 

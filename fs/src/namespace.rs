@@ -314,6 +314,7 @@ mod tests {
             uid: 0,
             gid: 0,
             mtime: UNIX_EPOCH,
+            atime: None,
         }
     }
 

@@ -275,19 +275,24 @@ fn symlinks() {
 }
 
 #[test]
-fn chmod_chown_and_utimens_persist() {
+fn chmod_chown_and_utimens_persist_atime_too() {
     let mut volume = Volume::new(&[]);
     let path = volume.path("owned");
     fs::write(&path, b"x").unwrap();
     fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
     std::os::unix::fs::chown(&path, Some(1234), Some(5678)).unwrap();
     let when = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let accessed = UNIX_EPOCH + Duration::from_secs(1_600_000_000);
+    let times = fs::FileTimes::new()
+        .set_modified(when)
+        .set_accessed(accessed);
     File::options()
         .write(true)
         .open(&path)
         .unwrap()
-        .set_modified(when)
+        .set_times(times)
         .unwrap();
+    assert_eq!(fs::metadata(&path).unwrap().accessed().unwrap(), accessed);
     fs::create_dir(volume.path("dir")).unwrap();
     fs::set_permissions(volume.path("dir"), fs::Permissions::from_mode(0o750)).unwrap();
 
@@ -296,6 +301,11 @@ fn chmod_chown_and_utimens_persist() {
     assert_eq!(meta.mode() & 0o7777, 0o640);
     assert_eq!((meta.uid(), meta.gid()), (1234, 5678));
     assert_eq!(meta.modified().unwrap(), when);
+    assert_eq!(
+        meta.accessed().unwrap(),
+        accessed,
+        "atime as utimensat set it"
+    );
     assert_eq!(
         fs::metadata(volume.path("dir")).unwrap().mode() & 0o7777,
         0o750
@@ -307,6 +317,11 @@ fn chmod_chown_and_utimens_persist() {
         "s3fs-style decimal mode"
     );
     assert_eq!(metadata["mtime"], "1700000000");
+    assert_eq!(metadata["atime"], "1600000000", "s3fs's atime");
+    // A file whose atime was never set shows its mtime there (the mount is noatime).
+    fs::write(volume.path("plain"), b"y").unwrap();
+    let plain = fs::metadata(volume.path("plain")).unwrap();
+    assert_eq!(plain.accessed().unwrap(), plain.modified().unwrap());
 }
 
 #[test]

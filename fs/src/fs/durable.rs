@@ -431,6 +431,7 @@ mod tests {
                     uid: 0,
                     gid: 0,
                     mtime_ns: 0,
+                    atime_ns: None,
                 },
                 ranges: vec![(0, 1)],
             },

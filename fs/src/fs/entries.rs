@@ -35,6 +35,7 @@ impl Filesystem {
             uid,
             gid,
             mtime: SystemTime::now(),
+            atime: None,
         }
     }
 

@@ -58,6 +58,7 @@ impl Filesystem {
             uid: inode.attrs.uid,
             gid: inode.attrs.gid,
             mtime: inode.attrs.mtime,
+            atime: inode.attrs.shown_atime(),
             ctime: inode.ctime,
         }
     }

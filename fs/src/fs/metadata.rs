@@ -100,7 +100,8 @@ impl Filesystem {
         let attrs_changed = changes.mode.is_some()
             || changes.uid.is_some()
             || changes.gid.is_some()
-            || changes.mtime.is_some();
+            || changes.mtime.is_some()
+            || changes.atime.is_some();
         if attrs_changed {
             let mut ns = self.ns();
             let inode = ns.get_mut(ino).ok_or(FsError::NotFound)?;
@@ -110,6 +111,7 @@ impl Filesystem {
             inode.attrs.uid = changes.uid.unwrap_or(inode.attrs.uid);
             inode.attrs.gid = changes.gid.unwrap_or(inode.attrs.gid);
             inode.attrs.mtime = changes.mtime.unwrap_or(inode.attrs.mtime);
+            inode.attrs.atime = changes.atime.or(inode.attrs.atime);
             inode.ctime = SystemTime::now();
         }
         if attrs_changed || changes.size.is_some() {

@@ -18,6 +18,7 @@ pub struct Attr {
     pub uid: u32,
     pub gid: u32,
     pub mtime: SystemTime,
+    pub atime: SystemTime,
     pub ctime: SystemTime,
 }
 
@@ -36,6 +37,7 @@ pub struct SetAttrs {
     pub gid: Option<u32>,
     pub size: Option<u64>,
     pub mtime: Option<SystemTime>,
+    pub atime: Option<SystemTime>,
 }
 
 /// An opened file.
