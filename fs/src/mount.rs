@@ -166,9 +166,13 @@ impl Mounted {
                 unmounted = Err(MountError::Unmount { path, source });
             }
         }
-        let mut drained = self.fs.drain(None).await.map_err(MountError::Flush);
-        if drained.is_ok() {
-            drained = self.fs.clear_fsync_log().await.map_err(MountError::Flush);
+        let drained = self.fs.drain(None).await.map_err(MountError::Flush);
+        if drained.is_ok()
+            && let Err(err) = self.fs.clear_fsync_log().await
+        {
+            // Every change is in the store: what is left of the log is moot, and the next
+            // mount deletes it.
+            tracing::warn!("deleting the fsync log after the last upload: {err}");
         }
         for task in &self.tasks {
             task.abort();
