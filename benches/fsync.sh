@@ -43,6 +43,9 @@ PORT=$(free_port)
 PIDS=($!)
 MOUNT_PID=
 cleanup() {
+    if [ -f "$WORK/mnt/pg/postmaster.pid" ]; then
+        runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/mnt/pg" -m immediate stop >/dev/null 2>&1 || true
+    fi
     [ -n "$MOUNT_PID" ] && stop_mount
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     rm -rf "$WORK"
