@@ -41,6 +41,11 @@ fn as_writer<'a>(root: &'a str, host: &'a str) -> Vec<&'a str> {
     ]
 }
 
+/// Bytes the mount has sent to the store so far.
+fn bytes_sent(volume: &Volume) -> u64 {
+    volume.metrics().store.values().map(|c| c.bytes_sent).sum()
+}
+
 fn records(volume: &Volume) -> Vec<String> {
     let root_prefix = volume.key("").trim_end_matches('/').to_string();
     let log = root_prefix.trim_end_matches("/v").to_string() + "/.cairn/fsync/v/";
@@ -60,12 +65,7 @@ fn fsynced_changes_survive_the_loss_of_the_host_and_its_cache() {
     let key = a.key("wal");
     assert_eq!(a.direct().get(&key).unwrap().1, expected);
 
-    let sent_before = a
-        .metrics()
-        .store
-        .values()
-        .map(|c| c.bytes_sent)
-        .sum::<u64>();
+    let sent_before = bytes_sent(&a);
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -85,7 +85,7 @@ fn fsynced_changes_survive_the_loss_of_the_host_and_its_cache() {
 
     let metrics = a.metrics();
     assert_eq!(metrics.fsyncs_logged, 3, "{metrics:?}");
-    let sent = metrics.store.values().map(|c| c.bytes_sent).sum::<u64>() - sent_before;
+    let sent = bytes_sent(&a) - sent_before;
     assert!(
         sent < 64 * 1024,
         "three fsyncs sent {sent} bytes to the store (the file is 20 MiB)"
@@ -192,12 +192,7 @@ fn a_file_made_read_write_is_fsynced_through_the_log() {
         .unwrap();
     file.write_all_at(&vec![b'f'; 2 * MIB], 0).unwrap();
     file.sync_data().unwrap();
-    let sent_before = a
-        .metrics()
-        .store
-        .values()
-        .map(|c| c.bytes_sent)
-        .sum::<u64>();
+    let sent_before = bytes_sent(&a);
     for commit in 0..20u64 {
         file.write_all_at(&[b'c'; 4096], 2 * MIB as u64 + commit * 4096)
             .unwrap();
@@ -205,7 +200,7 @@ fn a_file_made_read_write_is_fsynced_through_the_log() {
     }
     let metrics = a.metrics();
     assert_eq!(metrics.fsyncs_logged, 20, "{metrics:?}");
-    let sent = metrics.store.values().map(|c| c.bytes_sent).sum::<u64>() - sent_before;
+    let sent = bytes_sent(&a) - sent_before;
     assert!(sent < 256 * 1024, "20 commits of 4 KiB sent {sent} bytes");
     drop(file);
     a.stop();

@@ -297,6 +297,15 @@ mod tests {
         (Arc::new(fs), dir)
     }
 
+    /// A config under which nothing uploads unless asked (a flush, an fsync).
+    fn nothing_uploads_by_itself() -> FsConfig {
+        FsConfig {
+            writeback_delay: Duration::from_secs(600),
+            max_dirty_age: Duration::from_secs(600),
+            ..FsConfig::default()
+        }
+    }
+
     async fn records(root: &MemoryStore) -> Vec<String> {
         let listed = root.list_all(".cairn/fsync/v/", false).await.unwrap();
         listed.objects.into_iter().map(|o| o.key).collect()
@@ -309,11 +318,7 @@ mod tests {
         let original = vec![b'a'; SIZE];
         let data = crate::fs::store_holding(&[("f", &original)]).await;
         let root = Arc::new(MemoryStore::new());
-        let config = FsConfig {
-            writeback_delay: Duration::from_secs(600),
-            max_dirty_age: Duration::from_secs(600),
-            ..FsConfig::default()
-        };
+        let config = nothing_uploads_by_itself();
         let (fs, _cache) = mount_with_log(&data, &root, config.clone());
         fs.start_uploader();
         let ino = fs.lookup(ROOT, "f".as_ref()).await.unwrap().ino;
@@ -360,11 +365,7 @@ mod tests {
     async fn a_cut_between_records_leaves_zeros_where_earlier_records_wrote() {
         let data = crate::fs::store_holding(&[("f", &[b'a'; 1000])]).await;
         let root = Arc::new(MemoryStore::new());
-        let config = FsConfig {
-            writeback_delay: Duration::from_secs(600),
-            max_dirty_age: Duration::from_secs(600),
-            ..FsConfig::default()
-        };
+        let config = nothing_uploads_by_itself();
         let (fs, _cache) = mount_with_log(&data, &root, config.clone());
         let ino = fs.lookup(ROOT, "f".as_ref()).await.unwrap().ino;
         let opened = fs.open(ino, libc::O_RDWR).await.unwrap();
@@ -394,10 +395,7 @@ mod tests {
     async fn an_upload_makes_the_records_moot() {
         let data = crate::fs::store_holding(&[("f", &[b'a'; 1000])]).await;
         let root = Arc::new(MemoryStore::new());
-        let config = FsConfig {
-            writeback_delay: Duration::from_secs(600),
-            ..FsConfig::default()
-        };
+        let config = nothing_uploads_by_itself();
         let (fs, _cache) = mount_with_log(&data, &root, config.clone());
         fs.start_uploader();
         let ino = fs.lookup(ROOT, "f".as_ref()).await.unwrap().ino;
@@ -460,11 +458,7 @@ mod tests {
         let faulty = Arc::new(FaultyStore::new(root.clone()));
         faulty.add_latency(Some(Op::Put), Duration::from_millis(50));
         let dir = tempfile::tempdir().unwrap();
-        let config = FsConfig {
-            writeback_delay: Duration::from_secs(600),
-            max_dirty_age: Duration::from_secs(600),
-            ..FsConfig::default()
-        };
+        let config = nothing_uploads_by_itself();
         let fs = Filesystem::new(data.clone(), Cache::open(dir.path()).unwrap(), config)
             .unwrap()
             .with_fsync_log(faulty.clone(), "v");
