@@ -58,6 +58,7 @@ fn facts(volume: &Value) -> Vec<(&'static str, Value)> {
         ("mountpoint", volume["Mountpoint"].clone()),
         ("created-at", volume["CreatedAt"].clone()),
         ("access", option("access", "exclusive")),
+        ("store-defaults", from_store_defaults(status)),
         ("host", status["host"].clone()),
         ("lease", or(&status["lease"], json!("none"))),
         ("mounted", status["mounted"].clone()),
@@ -74,6 +75,17 @@ fn facts(volume: &Value) -> Vec<(&'static str, Value)> {
         ("upload-rate", or(&status["upload_rate"], json!(0))),
         ("last-error", or(&status["last_error"], json!("none"))),
     ]
+}
+
+/// Which options the volume took from its store's defaults (config.toml), or "none".
+fn from_store_defaults(status: &Value) -> Value {
+    match status["options_from_store_defaults"].as_array() {
+        Some(names) if !names.is_empty() => {
+            let names: Vec<String> = names.iter().map(shown).collect();
+            json!(names.join(", "))
+        }
+        _ => json!("none"),
+    }
 }
 
 /// A value as a report shows it (strings without quotes).
@@ -229,6 +241,10 @@ mod tests {
         );
         assert!(
             text.contains("\n       Volume last error:           none\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\n       Volume store defaults:       none\n"),
             "{text}"
         );
     }

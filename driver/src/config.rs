@@ -16,6 +16,10 @@
 //! [stores.nfs]
 //! spec = "dir:///mnt/efs/cairn"
 //! shared = true
+//!
+//! [stores.nfs.defaults]  # volume options for volumes of this store created without them
+//! access = "shared"
+//! writeback_delay = 0
 //! ```
 
 use std::collections::BTreeMap;
@@ -58,6 +62,50 @@ pub struct StoreConfig {
     /// Whether several hosts use this store (then Docker is told the volumes are global).
     /// Default: true for s3 stores, false for dir stores.
     pub shared: Option<bool>,
+    /// Volume options a volume of this store gets when its Create does not give them (any
+    /// option but `store` and `path`).
+    #[serde(default)]
+    pub defaults: BTreeMap<String, OptionValue>,
+}
+
+/// A default volume option as TOML has it: text, or a number (`writeback_delay = 0`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum OptionValue {
+    Text(String),
+    Integer(i64),
+    Float(f64),
+}
+
+impl StoreConfig {
+    /// The store's default volume options, as volume options are given.
+    pub fn default_options(&self) -> BTreeMap<String, String> {
+        let text = |value: &OptionValue| match value {
+            OptionValue::Text(text) => text.clone(),
+            OptionValue::Integer(number) => number.to_string(),
+            OptionValue::Float(number) => number.to_string(),
+        };
+        self.defaults
+            .iter()
+            .map(|(name, value)| (name.clone(), text(value)))
+            .collect()
+    }
+
+    /// Checks the defaults as volume options.
+    fn check_defaults(&self, store: &str) -> Result<(), String> {
+        let defaults = self.default_options();
+        for fixed in ["store", "path"] {
+            if defaults.contains_key(fixed) {
+                return Err(format!(
+                    "store {store}: `{fixed}` cannot be a default volume option (it is the \
+                     volume's own choice)"
+                ));
+            }
+        }
+        crate::options::VolumeOptions::parse(&defaults, store)
+            .map(|_| ())
+            .map_err(|why| format!("store {store}: its defaults: {why}"))
+    }
 }
 
 impl Default for Config {
@@ -102,7 +150,11 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|err| err.to_string())
+        let config: Self = toml::from_str(text).map_err(|err| err.to_string())?;
+        for (name, store) in &config.stores {
+            store.check_defaults(name)?;
+        }
+        Ok(config)
     }
 }
 
@@ -133,6 +185,34 @@ mod tests {
         assert!(err.contains("sockett"), "{err}");
         let err = Config::parse("[stores.a]\nspec = \"dir:///x\"\nshare = true").unwrap_err();
         assert!(err.contains("share"), "{err}");
+    }
+
+    #[test]
+    fn a_store_sets_default_volume_options_checked_as_volume_options() {
+        let config = Config::parse(
+            "[stores.g]\nspec = \"s3://b/p\"\n[stores.g.defaults]\naccess = \"shared\"\n\
+             writeback_delay = 0\nmetadata_ttl = 0.5\n",
+        )
+        .unwrap();
+        let defaults = config.stores["g"].default_options();
+        assert_eq!(defaults["access"], "shared");
+        assert_eq!(defaults["writeback_delay"], "0");
+        assert_eq!(defaults["metadata_ttl"], "0.5");
+        let bad = |toml: &str| {
+            Config::parse(&format!(
+                "[stores.g]\nspec = \"s3://b/p\"\n[stores.g.defaults]\n{toml}"
+            ))
+            .unwrap_err()
+        };
+        let err = bad("access = \"sometimes\"");
+        assert!(err.contains("store g") && err.contains("access"), "{err}");
+        let err = bad("path = \"shared/data\"");
+        assert!(
+            err.contains("path") && err.contains("cannot be a default"),
+            "{err}"
+        );
+        let err = bad("colour = \"blue\"");
+        assert!(err.contains("colour"), "{err}");
     }
 
     #[test]

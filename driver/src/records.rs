@@ -16,8 +16,12 @@ pub const RECORDS_PREFIX: &str = ".cairn/volumes/";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeRecord {
     pub name: String,
-    /// The options the volume was created with, `store` included.
+    /// The options the volume was created with, `store` included, and those its store's
+    /// defaults gave it.
     pub options: BTreeMap<String, String>,
+    /// Which of `options` came from the store's defaults (the rest were given).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_store_defaults: Vec<String>,
     /// RFC 3339, as Docker shows it.
     pub created_at: String,
 }
@@ -93,6 +97,7 @@ mod tests {
         VolumeRecord {
             name: name.into(),
             options: [("cache_size".to_string(), size.to_string())].into(),
+            from_store_defaults: Vec::new(),
             created_at: "2026-11-23T17:00:00Z".into(),
         }
     }

@@ -73,8 +73,22 @@ impl Driver {
         given: &BTreeMap<String, String>,
     ) -> Result<(), DriverError> {
         let name = VolumeName::parse(name).map_err(DriverError::Invalid)?;
+        // The store's defaults fill in what the Create does not say.
+        let store_name = given.get("store").unwrap_or(&self.default_store);
+        let defaults = self
+            .stores
+            .get(store_name)
+            .map(|store| store.defaults.clone())
+            .unwrap_or_default();
+        let from_store_defaults: Vec<String> = defaults
+            .keys()
+            .filter(|option| !given.contains_key(*option))
+            .cloned()
+            .collect();
+        let mut in_effect = defaults;
+        in_effect.extend(given.clone());
         let options =
-            VolumeOptions::parse(given, &self.default_store).map_err(DriverError::Invalid)?;
+            VolumeOptions::parse(&in_effect, &self.default_store).map_err(DriverError::Invalid)?;
         let store = self.named_store(options.store())?;
         if options.access() == Access::Exclusive {
             self.check_exclusive(options.store()).await?;
@@ -102,6 +116,7 @@ impl Driver {
         let record = VolumeRecord {
             name: name.to_string(),
             options: options.as_map().clone(),
+            from_store_defaults,
             created_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         };
         if let StoreSpec::Dir(root) = self.data_spec(&record, &options)? {
@@ -359,6 +374,43 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    /// A store's defaults fill in what a Create does not give, and Get says which options
+    /// came from them; what the Create gives wins.
+    #[tokio::test]
+    async fn a_stores_defaults_fill_in_what_a_create_does_not_give() {
+        let state = tempfile::tempdir().unwrap();
+        let store_dir = tempfile::tempdir().unwrap();
+        let config = Config::parse(&format!(
+            "default_store = \"d\"\n[stores.d]\nspec = \"dir://{}\"\n\
+             [stores.d.defaults]\naccess = \"shared\"\nwriteback_delay = 0\n",
+            store_dir.path().display()
+        ))
+        .unwrap();
+        let driver = Driver::open(&config, state.path(), PathBuf::from("/bin/false"))
+            .await
+            .unwrap();
+        driver.create("plain", &BTreeMap::new()).await.unwrap();
+        let status = driver.get("plain").await.unwrap().status;
+        assert_eq!(status["options"]["access"], "shared");
+        assert_eq!(status["options"]["writeback_delay"], "0");
+        assert_eq!(
+            status["options_from_store_defaults"],
+            serde_json::json!(["access", "writeback_delay"])
+        );
+        driver
+            .create("mine", &options(&[("access", "readonly")]))
+            .await
+            .unwrap();
+        let status = driver.get("mine").await.unwrap().status;
+        assert_eq!(status["options"]["access"], "readonly");
+        assert_eq!(
+            status["options_from_store_defaults"],
+            serde_json::json!(["writeback_delay"])
+        );
+        // Naming the volume again with no options is the same volume.
+        driver.create("mine", &BTreeMap::new()).await.unwrap();
     }
 
     /// Create, Get, List and Remove as Docker calls them: a volume is there once created, a

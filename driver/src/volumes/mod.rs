@@ -72,6 +72,8 @@ pub(super) struct NamedStore {
     shared: bool,
     /// Whether the store honours conditional puts (checked on first need).
     honours_conditions: tokio::sync::OnceCell<bool>,
+    /// The volume options volumes of this store get when created without them.
+    defaults: BTreeMap<String, String>,
 }
 
 /// The driver: the stores, the registry and the mount processes of one daemon.
@@ -157,7 +159,7 @@ impl Driver {
                 )));
             }
             let shared = store.shared.unwrap_or(matches!(spec, StoreSpec::S3(_)));
-            specs.insert(name.clone(), (spec, shared));
+            specs.insert(name.clone(), (spec, shared, store.default_options()));
         }
         if !specs.contains_key(&config.default_store) {
             if config.default_store != EMBEDDED_STORE {
@@ -173,10 +175,13 @@ impl Driver {
                 spec: StoreSpec::Dir(root.clone()).to_string(),
                 source,
             })?;
-            specs.insert(EMBEDDED_STORE.into(), (StoreSpec::Dir(root), false));
+            specs.insert(
+                EMBEDDED_STORE.into(),
+                (StoreSpec::Dir(root), false, BTreeMap::new()),
+            );
         }
         let mut stores = BTreeMap::new();
-        for (name, (spec, shared)) in specs {
+        for (name, (spec, shared, defaults)) in specs {
             let store = open_store(&spec)
                 .await
                 .map_err(|source| DriverError::Store {
@@ -191,6 +196,7 @@ impl Driver {
                     store,
                     shared,
                     honours_conditions: tokio::sync::OnceCell::new(),
+                    defaults,
                 },
             );
         }

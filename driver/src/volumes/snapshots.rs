@@ -93,6 +93,7 @@ impl Driver {
         let record = VolumeRecord {
             name: target.to_string(),
             options,
+            from_store_defaults: source.from_store_defaults.clone(),
             created_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         };
         let parsed = self.options_of(&record)?;

@@ -79,6 +79,12 @@ impl Driver {
             json!(self.data_spec(record, &options)?.to_string()),
         );
         status.insert("options".into(), json!(record.options));
+        if !record.from_store_defaults.is_empty() {
+            status.insert(
+                "options_from_store_defaults".into(),
+                json!(record.from_store_defaults),
+            );
+        }
         status.insert("host".into(), json!(self.host_id));
         let store = self.named_store(options.store())?;
         let key = cairn_fs::lease::lease_key(name.as_str());
