@@ -173,6 +173,27 @@ fn a_shared_volume_is_written_on_one_host_and_read_on_another() {
     assert_eq!(b.unmount("common", "b1"), "");
 }
 
+/// A store whose config makes its volumes shared by default: a volume created with no options
+/// (compose, swarm, `--volume-driver`) is shared, says so, and mounts on two hosts at once.
+#[test]
+fn a_stores_defaults_apply_to_volumes_created_without_options() {
+    let spec = S3Server::shared().spec(&S3Server::unique_prefix("hosts"));
+    let defaults = "[stores.main.defaults]\naccess = \"shared\"\nwriteback_delay = 0\n";
+    let a = Daemon::as_host_with(&spec, "host-a", TTL, defaults);
+    let b = Daemon::as_host_with(&spec, "host-b", TTL, defaults);
+    assert_eq!(a.create("plain", Value::Null), "");
+    let status = a.status("plain");
+    assert_eq!(status["options"]["access"], "shared", "{status}");
+    assert_eq!(
+        status["options_from_store_defaults"],
+        json!(["access", "writeback_delay"])
+    );
+    assert_eq!(a.mount("plain", "a1")["Err"], "");
+    assert_eq!(b.mount("plain", "b1")["Err"], "", "no lease for shared");
+    assert_eq!(a.unmount("plain", "a1"), "");
+    assert_eq!(b.unmount("plain", "b1"), "");
+}
+
 #[test]
 fn a_readonly_volume_refuses_writes_on_every_host() {
     let (a, b) = two_hosts();

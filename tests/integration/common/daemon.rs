@@ -88,6 +88,12 @@ impl Daemon {
     /// A daemon acting as host `host` (its own state directory, socket and host id) on the
     /// store `store_spec`, with leases of `lease_ttl` seconds.
     pub fn as_host(store_spec: &str, host: &str, lease_ttl: u64) -> Daemon {
+        Self::as_host_with(store_spec, host, lease_ttl, "")
+    }
+
+    /// [`Daemon::as_host`], with more TOML for the store's section (`store_toml`: lines that
+    /// follow `[stores.main]`, such as its `[stores.main.defaults]`).
+    pub fn as_host_with(store_spec: &str, host: &str, lease_ttl: u64, store_toml: &str) -> Daemon {
         super::require_fuse();
         let dir = tempfile::tempdir().expect("a temporary directory");
         let config = dir.path().join("config.toml");
@@ -95,7 +101,7 @@ impl Daemon {
             &config,
             format!(
                 "default_store = \"main\"\nhost_id = \"{host}\"\nlease_ttl = {lease_ttl}\n\
-                 [stores.main]\nspec = \"{store_spec}\"\n"
+                 [stores.main]\nspec = \"{store_spec}\"\n{store_toml}"
             ),
         )
         .unwrap();
