@@ -64,6 +64,7 @@ fn change_log(c: &mut Criterion) {
         gid: 0,
         mtime_ns: 0,
         atime_ns: None,
+        rdev: 0,
     };
     let mut n = 0u64;
     c.bench_function("change log: record a file's new contents", |b| {

@@ -62,6 +62,8 @@ pub struct Attrs {
     pub mtime: SystemTime,
     /// As set by `utimensat`; None: the mtime is shown (the mount is `noatime`).
     pub atime: Option<SystemTime>,
+    /// A device node's device number (0 for everything else).
+    pub rdev: u32,
 }
 
 impl Attrs {
@@ -117,6 +119,7 @@ impl Attrs {
                 .and_then(|v| parse_seconds(v))
                 .unwrap_or(last_modified),
             atime: metadata.get("atime").and_then(|v| parse_seconds(v)),
+            rdev: number("rdev").unwrap_or(0),
         }
     }
 
@@ -136,6 +139,7 @@ impl Attrs {
         ]
         .into_iter()
         .chain(self.atime.map(|at| ("atime", seconds(at).to_string())))
+        .chain((self.rdev != 0).then(|| ("rdev", self.rdev.to_string())))
         .map(|(k, v)| (k.to_string(), v))
         .collect()
     }
@@ -241,6 +245,7 @@ mod tests {
             gid: 2,
             mtime: UNIX_EPOCH + Duration::from_secs(99),
             atime: Some(UNIX_EPOCH + Duration::from_secs(7)),
+            rdev: 0,
         };
         let back = Attrs::decode(
             &attrs.encode(),

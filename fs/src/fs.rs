@@ -149,6 +149,7 @@ impl Filesystem {
             gid: config.defaults.gid,
             mtime: SystemTime::now(),
             atime: None,
+            rdev: 0,
         };
         let metrics = Arc::new(Metrics::default());
         let store: SharedStore = Arc::new(MeteredStore::new(store, Arc::clone(&metrics)));

@@ -280,6 +280,7 @@ mod tests {
             gid: 0,
             mtime_ns: 1,
             atime_ns: None,
+            rdev: 0,
         }
     }
 

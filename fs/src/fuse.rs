@@ -150,10 +150,14 @@ fn answer_attr(reply: ReplyAttr, ttl: &Duration, result: FsResult<Attr>) {
 }
 
 fn file_attr(attr: &Attr) -> FileAttr {
-    let kind = match attr.kind {
-        Kind::File => FileType::RegularFile,
-        Kind::Dir => FileType::Directory,
-        Kind::Symlink => FileType::Symlink,
+    let kind = match (attr.file_type, attr.kind) {
+        (libc::S_IFIFO, _) => FileType::NamedPipe,
+        (libc::S_IFSOCK, _) => FileType::Socket,
+        (libc::S_IFCHR, _) => FileType::CharDevice,
+        (libc::S_IFBLK, _) => FileType::BlockDevice,
+        (_, Kind::File) => FileType::RegularFile,
+        (_, Kind::Dir) => FileType::Directory,
+        (_, Kind::Symlink) => FileType::Symlink,
     };
     FileAttr {
         ino: INodeNo(attr.ino),
@@ -168,7 +172,7 @@ fn file_attr(attr: &Attr) -> FileAttr {
         nlink: if attr.kind == Kind::Dir { 2 } else { 1 },
         uid: attr.uid,
         gid: attr.gid,
-        rdev: 0,
+        rdev: attr.rdev,
         blksize: 128 * 1024,
         flags: 0,
     }
@@ -289,7 +293,7 @@ impl fuser::Filesystem for FuseAdapter {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _rdev: u32,
+        rdev: u32,
         reply: ReplyEntry,
     ) {
         let (name, ttl, uid, gid) = (name.to_owned(), self.ttl(), req.uid(), req.gid());
@@ -297,7 +301,8 @@ impl fuser::Filesystem for FuseAdapter {
             answer_entry(
                 reply,
                 &ttl,
-                fs.mknod(parent.0, &name, mode, umask, uid, gid).await,
+                fs.mknod(parent.0, &name, mode, umask, (uid, gid), rdev)
+                    .await,
             )
         });
     }
@@ -739,6 +744,8 @@ mod tests {
             kind,
             size,
             perm: 0o640,
+            file_type: kind.type_bits(),
+            rdev: 0,
             uid: 1000,
             gid: 100,
             mtime: UNIX_EPOCH + Duration::from_secs(1_700_000_000),

@@ -59,6 +59,9 @@ pub struct StoredAttrs {
     /// Set by `utimensat` (change logs written before it was kept have none).
     #[serde(default)]
     pub atime_ns: Option<u128>,
+    /// A device node's device number.
+    #[serde(default)]
+    pub rdev: u32,
 }
 
 impl From<Attrs> for StoredAttrs {
@@ -69,6 +72,7 @@ impl From<Attrs> for StoredAttrs {
             gid: a.gid,
             mtime_ns: nanos_since_epoch(a.mtime),
             atime_ns: a.atime.map(nanos_since_epoch),
+            rdev: a.rdev,
         }
     }
 }
@@ -81,6 +85,7 @@ impl From<StoredAttrs> for Attrs {
             gid: a.gid,
             mtime: time_from_nanos(a.mtime_ns),
             atime: a.atime_ns.map(time_from_nanos),
+            rdev: a.rdev,
         }
     }
 }
@@ -759,6 +764,7 @@ mod tests {
             gid: 0,
             mtime_ns: 0,
             atime_ns: None,
+            rdev: 0,
         }
     }
 

@@ -315,6 +315,7 @@ mod tests {
             gid: 0,
             mtime: UNIX_EPOCH,
             atime: None,
+            rdev: 0,
         }
     }
 

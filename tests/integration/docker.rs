@@ -518,6 +518,50 @@ impl Drop for RemoveOnDrop<'_> {
     }
 }
 
+/// A container makes, uses and removes a FIFO and a unix socket in its volume, as services do
+/// beside their state (MySQL's `mysql.sock`). The socket half runs the host's Python, bind-mounted
+/// read-only, since the busybox image has no tool that speaks unix sockets.
+#[test]
+fn a_container_uses_a_fifo_and_a_unix_socket_in_its_volume() {
+    let mut world = World::new(StoreKind::S3);
+    let name = world.create("special", &[]);
+    let fifo = world.run(
+        &name,
+        "mkfifo /data/fifo && (echo through-the-fifo > /data/fifo &) && cat /data/fifo && \
+         rm /data/fifo && echo removed",
+    );
+    assert_eq!(fifo, "through-the-fifo\nremoved\n");
+    let script = "import os, socket, threading\n\
+        server = socket.socket(socket.AF_UNIX)\n\
+        server.bind('/data/app.sock')\n\
+        server.listen(1)\n\
+        def answer():\n    peer, _ = server.accept()\n    peer.sendall(b'pong')\n    peer.close()\n\
+        threading.Thread(target=answer).start()\n\
+        client = socket.socket(socket.AF_UNIX)\n\
+        client.connect('/data/app.sock')\n\
+        print(client.recv(4).decode(), os.path.exists('/data/app.sock'))\n\
+        os.remove('/data/app.sock')\n";
+    let mount = format!("{name}:/data");
+    let socket = docker_ok(&[
+        "run",
+        "--rm",
+        "-v",
+        &mount,
+        "-v",
+        "/usr:/usr:ro",
+        "-v",
+        "/lib:/lib:ro",
+        "-v",
+        "/lib64:/lib64:ro",
+        &image(),
+        "/usr/bin/python3",
+        "-c",
+        script,
+    ]);
+    assert_eq!(socket, "pong True\n");
+    assert_eq!(world.run(&name, "ls -A /data | wc -l"), "0\n");
+}
+
 /// Each scenario once on the embedded dir store and once on S3.
 macro_rules! on_both_stores {
     ($($scenario:ident),* $(,)?) => {

@@ -382,20 +382,12 @@ fn names_and_paths_over_the_limits() {
 }
 
 #[test]
-fn hard_links_and_special_files_are_not_supported() {
+fn hard_links_are_not_supported() {
     let volume = Volume::new(&[]);
     fs::write(volume.path("f"), b"x").unwrap();
     assert_eq!(
         errno(fs::hard_link(volume.path("f"), volume.path("g"))),
         libc::EOPNOTSUPP
-    );
-    let fifo = CString::new(volume.path("fifo").as_os_str().as_bytes()).unwrap();
-    // SAFETY: a valid path.
-    let rc = unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) };
-    assert_eq!(rc, -1);
-    assert_eq!(
-        std::io::Error::last_os_error().raw_os_error(),
-        Some(libc::EOPNOTSUPP)
     );
 }
 
@@ -510,4 +502,66 @@ fn mtime_of_written_files_is_recent() {
     fs::write(volume.path("f"), b"x").unwrap();
     let mtime = fs::metadata(volume.path("f")).unwrap().modified().unwrap();
     assert!(mtime > before);
+}
+
+/// A FIFO, a unix socket and a device node live in the volume as on a local disk (`nodev`):
+/// the kernel does the rendezvous, cairn keeps their names, types, modes and device numbers,
+/// and a fresh mount of the store finds them again; the store holds s3fs's convention.
+#[test]
+fn fifos_sockets_and_device_nodes_live_in_the_volume() {
+    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    let mut volume = Volume::new(&[]);
+    let fifo = volume.path("fifo");
+    let c_fifo = CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid C string; mkfifo only reads it.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o640) }, 0);
+    assert!(fs::metadata(&fifo).unwrap().file_type().is_fifo());
+    let writer = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || fs::write(fifo, b"through the fifo").unwrap())
+    };
+    assert_eq!(fs::read(&fifo).unwrap(), b"through the fifo");
+    writer.join().unwrap();
+
+    let socket = volume.path("app.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut peer, _) = listener.accept().unwrap();
+        peer.write_all(b"pong").unwrap();
+    });
+    let mut client = UnixStream::connect(&socket).unwrap();
+    let mut answer = String::new();
+    client.read_to_string(&mut answer).unwrap();
+    server.join().unwrap();
+    assert_eq!(answer, "pong");
+    assert!(fs::metadata(&socket).unwrap().file_type().is_socket());
+
+    let device = volume.path("null");
+    let c_device = CString::new(device.as_os_str().as_bytes()).unwrap();
+    let number = libc::makedev(1, 3);
+    // SAFETY: a valid C string; mknod only reads it.
+    let made = unsafe { libc::mknod(c_device.as_ptr(), libc::S_IFCHR | 0o600, number) };
+    assert_eq!(made, 0, "{}", std::io::Error::last_os_error());
+    assert_eq!(
+        errno(File::open(&device)),
+        libc::EACCES,
+        "the mount is nodev"
+    );
+
+    volume.remount_cold(&[]);
+    assert!(fs::metadata(&fifo).unwrap().file_type().is_fifo());
+    assert!(fs::metadata(&socket).unwrap().file_type().is_socket());
+    let node = fs::metadata(&device).unwrap();
+    assert!(node.file_type().is_char_device());
+    assert_eq!(node.rdev(), number);
+    assert_eq!(node.mode() & 0o7777, 0o600);
+    let (metadata, body) = volume.direct().get(&volume.key("fifo")).unwrap();
+    assert_eq!(metadata["mode"], (libc::S_IFIFO | 0o640).to_string());
+    assert!(body.is_empty());
+    for name in [&fifo, &socket, &device] {
+        fs::remove_file(name).unwrap();
+    }
+    assert_eq!(fs::read_dir(&volume.mountpoint).unwrap().count(), 0);
 }

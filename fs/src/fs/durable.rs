@@ -430,6 +430,7 @@ mod tests {
                     gid: 0,
                     mtime_ns: 0,
                     atime_ns: None,
+                    rdev: 0,
                 },
                 ranges: vec![(0, 1)],
             },

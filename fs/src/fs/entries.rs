@@ -36,6 +36,7 @@ impl Filesystem {
             gid,
             mtime: SystemTime::now(),
             atime: None,
+            rdev: 0,
         }
     }
 
@@ -281,19 +282,32 @@ impl Filesystem {
     }
 
     /// Regular files may be made with mknod; device files, FIFOs and sockets cannot be stored.
+    /// mknod: a regular file, or a special one (a FIFO, a unix socket's name, a device node),
+    /// which is an empty file whose mode carries its type (and `rdev` its device number), as
+    /// s3fs keeps them. The kernel does the rest: opening a FIFO or connecting to a socket never
+    /// reaches the mount, and device nodes do not open on a `nodev` mount.
     pub async fn mknod(
         &self,
         parent: u64,
         name: &OsStr,
         mode: u32,
         umask: u32,
-        uid: u32,
-        gid: u32,
+        (uid, gid): (u32, u32),
+        rdev: u32,
     ) -> FsResult<Attr> {
-        if mode & crate::attrs::S_IFMT != S_IFREG {
-            return Err(FsError::NotSupported(
-                "special files (devices, FIFOs, sockets)",
-            ));
+        let file_type = mode & crate::attrs::S_IFMT;
+        if ![
+            S_IFREG,
+            libc::S_IFIFO,
+            libc::S_IFSOCK,
+            libc::S_IFCHR,
+            libc::S_IFBLK,
+        ]
+        .contains(&file_type)
+        {
+            return Err(FsError::Invalid(format!(
+                "mknod of file type {file_type:o}"
+            )));
         }
         let (attr, opened) = self
             .create(
@@ -306,7 +320,14 @@ impl Filesystem {
                 gid,
             )
             .await?;
+        if file_type != S_IFREG {
+            if let Some(inode) = self.ns().get_mut(attr.ino) {
+                inode.attrs.mode = file_type | inode.attrs.perm();
+                inode.attrs.rdev = rdev;
+            }
+            self.persist_attrs(attr.ino, Kind::File, false).await?;
+        }
         self.release(opened.fh).await?;
-        Ok(attr)
+        self.attr(attr.ino)
     }
 }

@@ -55,6 +55,8 @@ impl Filesystem {
             kind: inode.kind(),
             size,
             perm: inode.attrs.perm(),
+            file_type: inode.attrs.mode & crate::attrs::S_IFMT,
+            rdev: inode.attrs.rdev,
             uid: inode.attrs.uid,
             gid: inode.attrs.gid,
             mtime: inode.attrs.mtime,

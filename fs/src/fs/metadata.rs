@@ -123,7 +123,7 @@ impl Filesystem {
 
     /// Records an inode's new attributes (and, for a file truncated while no one has it open,
     /// its new contents) in the change log.
-    async fn persist_attrs(&self, ino: u64, kind: Kind, resized: bool) -> FsResult<()> {
+    pub(super) async fn persist_attrs(&self, ino: u64, kind: Kind, resized: bool) -> FsResult<()> {
         let data = self.ns().get(ino).and_then(|inode| inode.file.clone());
         if let Some(data) = &data
             && resized

@@ -15,6 +15,11 @@ pub struct Attr {
     pub size: u64,
     /// Permission bits only.
     pub perm: u32,
+    /// The type bits of st_mode (`S_IFIFO`, `S_IFSOCK`, ... tell special files, which are
+    /// files to the filesystem).
+    pub file_type: u32,
+    /// A device node's device number.
+    pub rdev: u32,
     pub uid: u32,
     pub gid: u32,
     pub mtime: SystemTime,
