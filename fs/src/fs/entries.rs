@@ -20,6 +20,13 @@ use crate::attrs::{Attrs, Kind, S_IFREG};
 use crate::error::{FsError, FsResult};
 use crate::journal::Change;
 
+/// The type of a file mknod makes, and a device node's number.
+#[derive(Debug, Clone, Copy)]
+struct Special {
+    file_type: u32,
+    rdev: u32,
+}
+
 impl Filesystem {
     /// Fails with EEXIST if `name` exists in `parent`; returns the new entry's key.
     async fn vacant(&self, parent: u64, name: &str) -> FsResult<String> {
@@ -128,6 +135,25 @@ impl Filesystem {
         uid: u32,
         gid: u32,
     ) -> FsResult<(Attr, Opened)> {
+        let plain = Special {
+            file_type: S_IFREG,
+            rdev: 0,
+        };
+        self.create_node(parent, name, (mode, umask), flags, (uid, gid), plain)
+            .await
+    }
+
+    /// [`Self::create`] of a file of type `special` (a regular file, or a special one made by
+    /// mknod: its type is in its attributes from its first record in the change log).
+    async fn create_node(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        (mode, umask): (u32, u32),
+        flags: i32,
+        (uid, gid): (u32, u32),
+        special: Special,
+    ) -> FsResult<(Attr, Opened)> {
         self.writable()?;
         let name = check_new_name(name)?;
         if let Some(existing) = self.resolve(parent, &name).await? {
@@ -142,7 +168,9 @@ impl Filesystem {
             return Ok((self.attr(existing)?, opened));
         }
         let key = Self::child_key(&self.ns(), parent, &name)?;
-        let attrs = Self::new_attrs(Kind::File, mode, umask, uid, gid);
+        let mut attrs = Self::new_attrs(Kind::File, mode, umask, uid, gid);
+        attrs.mode = special.file_type | attrs.perm();
+        attrs.rdev = special.rdev;
         let ino = self.ns().upsert(parent, &name, attrs, 0, None);
         let data = self.new_file_data(ino).await?;
         data.opens.fetch_add(1, Ordering::AcqRel);
@@ -309,25 +337,39 @@ impl Filesystem {
                 "mknod of file type {file_type:o}"
             )));
         }
+        let special = Special { file_type, rdev };
+        let flags = libc::O_EXCL | libc::O_WRONLY;
         let (attr, opened) = self
-            .create(
-                parent,
-                name,
-                mode,
-                umask,
-                libc::O_EXCL | libc::O_WRONLY,
-                uid,
-                gid,
-            )
+            .create_node(parent, name, (mode, umask), flags, (uid, gid), special)
             .await?;
-        if file_type != S_IFREG {
-            if let Some(inode) = self.ns().get_mut(attr.ino) {
-                inode.attrs.mode = file_type | inode.attrs.perm();
-                inode.attrs.rdev = rdev;
-            }
-            self.persist_attrs(attr.ino, Kind::File, false).await?;
-        }
         self.release(opened.fh).await?;
-        self.attr(attr.ino)
+        Ok(attr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::fs::{FsConfig, test_mount};
+    use crate::journal::Change;
+    use crate::namespace::ROOT;
+    use crate::store::memory::MemoryStore;
+
+    /// A FIFO's type is in its very first record in the change log, so an upload that starts
+    /// at once (no write-back delay) cannot put it as a regular file.
+    #[tokio::test]
+    async fn a_special_file_is_recorded_with_its_type_from_the_start() {
+        let (fs, _cache) = test_mount(Arc::new(MemoryStore::new()), FsConfig::default());
+        let mode = libc::S_IFIFO | 0o640;
+        let attr = fs
+            .mknod(ROOT, "fifo".as_ref(), mode, 0o022, (0, 0), 0)
+            .await
+            .unwrap();
+        assert_eq!(attr.file_type, libc::S_IFIFO);
+        match fs.change_log().latest("fifo").map(|e| e.change.clone()) {
+            Some(Change::PutFile { attrs, .. }) => assert_eq!(attrs.mode, mode),
+            other => panic!("recorded {other:?}"),
+        }
     }
 }
