@@ -293,3 +293,41 @@ fn cairn_reads_what_rclone_writes() {
         "a prefix without a marker: the default dir mode"
     );
 }
+
+/// Makes a FIFO at `path` with mode 0640.
+fn mkfifo(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid C string; mkfifo only reads it.
+    let made = unsafe { libc::mkfifo(c_path.as_ptr(), 0o640) };
+    assert_eq!(made, 0, "{}", std::io::Error::last_os_error());
+}
+
+fn is_fifo(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo())
+}
+
+/// A FIFO made on one reads back as a FIFO with its mode on the other, both ways: cairn keeps
+/// special files as s3fs does.
+#[test]
+fn fifos_cross_between_cairn_and_s3fs() {
+    let prefix = S3Server::unique_prefix("interop");
+    let mut cairn = Volume::mount(&spec_of(&prefix), &[]);
+    mkfifo(&cairn.path("from-cairn"));
+    cairn.stop();
+    let mut s3fs = S3fs::mount(&prefix);
+    assert!(
+        is_fifo(&s3fs.path("from-cairn")),
+        "s3fs reading cairn's FIFO"
+    );
+    assert_eq!(mode(&s3fs.path("from-cairn")) & 0o7777, 0o640);
+    mkfifo(&s3fs.path("from-s3fs"));
+    s3fs.unmount();
+    let cairn = Volume::mount(&spec_of(&prefix), &[]);
+    assert!(
+        is_fifo(&cairn.path("from-s3fs")),
+        "cairn reading s3fs's FIFO"
+    );
+    assert_eq!(mode(&cairn.path("from-s3fs")) & 0o7777, 0o640);
+}
