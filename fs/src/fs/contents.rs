@@ -103,6 +103,20 @@ struct LogState {
     last_record: Option<RecordOutcome>,
 }
 
+impl LogState {
+    /// Records a change (a write, a truncation) where it can count: since the base, if that is
+    /// known, and since the snapshot of an upload in flight. Elsewhere it is not needed (the
+    /// next base starts afresh), and a write does no more work than it must.
+    fn changed(&mut self, record: impl Fn(&mut Delta)) {
+        if self.base.is_some() {
+            record(&mut self.unsent);
+        }
+        if Arc::strong_count(&self.uploads) > 1 {
+            record(&mut self.since_snapshot);
+        }
+    }
+}
+
 /// Whether a record landed: `None` until its put ends.
 pub(super) type RecordOutcome = tokio::sync::watch::Receiver<Option<bool>>;
 
@@ -366,8 +380,7 @@ impl FileContents {
 
     /// `range` was written; the file is `size` bytes long now.
     pub(super) fn wrote(&mut self, range: Range<u64>, size: u64) {
-        self.log.unsent.wrote(range.clone());
-        self.log.since_snapshot.wrote(range.clone());
+        self.log.changed(|delta| delta.wrote(range.clone()));
         if self.is_partial() {
             self.present.insert(range.clone());
             self.changed.insert(range);
@@ -383,8 +396,7 @@ impl FileContents {
 
     /// Cut to `size` bytes.
     pub(super) fn truncated(&mut self, size: u64) {
-        self.log.unsent.truncated(size);
-        self.log.since_snapshot.truncated(size);
+        self.log.changed(|delta| delta.truncated(size));
         if self.is_partial() {
             self.present.truncate(size);
             self.changed.truncate(size);
