@@ -177,7 +177,7 @@ impl Filesystem {
         let Ok((ino, route)) = self.handle_route(fh) else {
             return;
         };
-        let Some(data) = self.ns().get(ino).and_then(|i| i.file.clone()) else {
+        let Some(data) = self.loaded_file(ino) else {
             return;
         };
         self.count_closed(&data, route).await;

@@ -124,7 +124,7 @@ impl Filesystem {
     /// Records an inode's new attributes (and, for a file truncated while no one has it open,
     /// its new contents) in the change log.
     pub(super) async fn persist_attrs(&self, ino: u64, kind: Kind, resized: bool) -> FsResult<()> {
-        let data = self.ns().get(ino).and_then(|inode| inode.file.clone());
+        let data = self.loaded_file(ino);
         if let Some(data) = &data
             && resized
             && data.opens.load(Ordering::Acquire) == 0

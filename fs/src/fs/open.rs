@@ -73,7 +73,7 @@ impl Filesystem {
             Ok(ino) => ino,
             Err(err) => return Some(Err(err)),
         };
-        let Some(data) = self.ns().get(ino).and_then(|i| i.file.clone()) else {
+        let Some(data) = self.loaded_file(ino) else {
             return Some(Ok(()));
         };
         if data.direct_writers.load(Ordering::Acquire) > 0 {
@@ -94,7 +94,7 @@ impl Filesystem {
         if route == Route::DirectWrites {
             return None;
         }
-        let Some(data) = self.ns().get(ino).and_then(|i| i.file.clone()) else {
+        let Some(data) = self.loaded_file(ino) else {
             self.handles.close(fh);
             return Some(Ok(()));
         };
@@ -112,7 +112,7 @@ impl Filesystem {
 
     pub async fn flush(&self, fh: u64) -> FsResult<()> {
         let ino = self.handle_ino(fh)?;
-        let Some(data) = self.ns().get(ino).and_then(|i| i.file.clone()) else {
+        let Some(data) = self.loaded_file(ino) else {
             return Ok(());
         };
         self.note_direct_writes(&data, DirectWriteCheck::Compare)
@@ -128,7 +128,7 @@ impl Filesystem {
     /// (`durable`).
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {
         let ino = self.handle_ino(fh)?;
-        let Some(data) = self.ns().get(ino).and_then(|i| i.file.clone()) else {
+        let Some(data) = self.loaded_file(ino) else {
             return Ok(());
         };
         self.note_direct_writes(&data, DirectWriteCheck::Changed)
@@ -178,7 +178,7 @@ impl Filesystem {
     pub async fn release(&self, fh: u64) -> FsResult<()> {
         let (ino, route) = self.handle_route(fh)?;
         self.handles.close(fh);
-        let data = self.ns().get(ino).and_then(|i| i.file.clone());
+        let data = self.loaded_file(ino);
         if let Some(data) = data {
             let noted = match route {
                 Route::DirectWrites => {

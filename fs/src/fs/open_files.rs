@@ -16,11 +16,17 @@ use crate::error::{FsError, FsResult};
 use crate::journal::Change;
 
 impl Filesystem {
+    /// The open state of a file's contents if the mount holds it now (the file is open or
+    /// changed), without loading it.
+    pub(super) fn loaded_file(&self, ino: u64) -> Option<Arc<FileData>> {
+        self.ns().get(ino).and_then(|inode| inode.file.clone())
+    }
+
     /// The open state of a file's contents: from a pending change's cache file, or from the
     /// cache index, on first use.
     pub(super) async fn file_data(&self, ino: u64) -> FsResult<Arc<FileData>> {
         // The common case, on every read and write: the file is already open here.
-        if let Some(data) = self.ns().get(ino).and_then(|i| i.file.clone()) {
+        if let Some(data) = self.loaded_file(ino) {
             return Ok(data);
         }
         let mut registry = self.files.lock().await;

@@ -201,7 +201,7 @@ impl Filesystem {
 
     /// [`Self::make_whole`] for the file `ino`, whether open or only waiting for its upload.
     pub(super) async fn make_whole_file(&self, ino: u64, key: &str) -> FsResult<()> {
-        let open = self.ns().get(ino).and_then(|i| i.file.clone());
+        let open = self.loaded_file(ino);
         let data = match open {
             Some(data) => data,
             None => {
